@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create or update .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_MODEL ?= qwen2.5-coder:0.5b
+DEMO_PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a one-line docstring.
+
+.PHONY: demo test venv clean-venv
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU build this machine keeps on disk (pip's find-links); everything else to requirements.lock.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qwenkit pull $(DEMO_MODEL)
+	$(BIN)/qwenkit run $(DEMO_MODEL) "$(DEMO_PROMPT)" --temperature 0 --max-tokens 160
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from qwenkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""One small exception hierarchy, mapped once to CLI messages (cli.py) and later to HTTP status codes.
+
+Every error a user can cause (a bad file, an unknown model name, a prompt that does not fit) is a QwenkitError with
+a one-line message that names the file or field at fault. Anything else is a bug and may show a traceback.
+"""
+
+
+class QwenkitError(Exception):
+    """Base of every user-facing error. str(e) is the one-line message shown to the user."""
+
+    exit_code = 1
+
+
+class ModelNotFound(QwenkitError):
+    """A model reference is neither a known short name, a hub id we can reach, nor a local path."""
+
+
+class BadCheckpoint(QwenkitError):
+    """A checkpoint file or folder is unreadable, truncated, corrupt or inconsistent (shapes, dtypes, names)."""
+
+
+class UnsupportedModel(BadCheckpoint):
+    """A well-formed checkpoint of an architecture or tensor type qwenkit does not implement."""
+
+
+class ChecksumMismatch(QwenkitError):
+    """A downloaded or assembled file does not have the sha256 we pinned for it."""
+
+
+class DownloadError(QwenkitError):
+    """A download failed (network unreachable, HTTP error) and no offline source could serve the file."""
+
+
+class ContextTooLong(QwenkitError):
+    """A prompt (plus the tokens asked for) does not fit in the model's context window."""
+
+
+class BadRequest(QwenkitError):
+    """Invalid arguments to a public API call: unknown sampling field, out-of-range value, malformed messages."""
+
+
+class TemplateError(BadRequest):
+    """The chat template raised (raise_exception in the template) or could not render the conversation."""
