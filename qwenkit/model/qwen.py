@@ -1,0 +1,157 @@
+"""The Qwen decoder (Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE), switched by ModelConfig.
+
+Parameter names are the Hugging Face ones (model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...), so a
+safetensors checkpoint loads without renaming. The forward pass takes an optional KV cache: tokens are appended at
+the cache's current length, so a prompt is computed once and each decode step only runs the new token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.model.config import ModelConfig
+from qwenkit.model.moe import SparseMoE
+from qwenkit.model.rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before scaling, exactly as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.window = config.layer_window(layer)
+        h, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(h, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, masks, cache, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3: RMSNorm over head_dim before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, start, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=masks.get(self.window), is_causal=False, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, masks, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def attention_masks(windows: set[int | None], start: int, t: int, device: torch.device) -> dict:
+    """Boolean masks [t, start + t] (True = may attend) for each window size in use; None means full attention.
+
+    A single decode step with full attention needs no mask at all: it may see every cached key.
+    """
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(start + t, device=device)[None, :]
+    masks: dict = {}
+    for w in windows:
+        if w is None and t == 1:
+            masks[w] = None
+            continue
+        allowed = k_pos <= q_pos
+        if w is not None:
+            allowed = allowed & (q_pos - k_pos < w)  # same window convention as transformers
+        masks[w] = allowed
+    return masks
+
+
+class QwenForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.rotary = Rotary(config)
+        self.windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, cache=None, logits: str = "all") -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last") or final hidden states ("none").
+
+        With a cache, the tokens continue the cached sequence (positions start at cache.length) and the cache grows.
+        """
+        b, t = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(start + t)
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rotary(positions, x.dtype)
+        masks = attention_masks(self.windows, start, t, input_ids.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks, cache, start)
+        if cache is not None:
+            cache.length = start + t
+        if logits == "last":
+            x = x[:, -1]
+        elif logits == "none":
+            return self.model.norm(x)
+        return F.linear(self.model.norm(x), self.head_weight)
