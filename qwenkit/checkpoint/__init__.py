@@ -1,0 +1,116 @@
+"""Checkpoints on disk: open one (GGUF file or Hugging Face folder), read its config, tokenizer and defaults, and
+load its weights into a model. Opening is cheap (headers and JSON only); `load_model` reads the weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenkit.checkpoint.loader import checkpoint_kind, load_gguf, load_hf
+from qwenkit.errors import BadCheckpoint
+from qwenkit.model.config import ModelConfig
+
+log = logging.getLogger("qwenkit.checkpoint")
+
+# Qwen's recommended sampling (DESIGN.md section 2) where a checkpoint carries no generation_config.json.
+QWEN_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20)
+QWEN3_THINKING_DEFAULTS = dict(temperature=0.6, top_p=0.95, top_k=20)
+QWEN_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    kind: str  # "gguf" or "hf"
+    config: ModelConfig
+    _gguf: Any = None
+    _weights: Any = None
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        if self.kind == "gguf":
+            return load_gguf(self._gguf, self.config, dtype)
+        return load_hf(self.path, self.config, self._weights, dtype)
+
+    def tokenizer(self):
+        from qwenkit.text.tokenizer import Tokenizer
+
+        if self.kind == "gguf":
+            return Tokenizer.from_gguf_metadata(self._gguf.metadata, str(self.path))
+        return Tokenizer.from_hf_dir(self.path)
+
+    def generation_config(self) -> dict[str, Any]:
+        """generation_config.json of a folder ({} when absent or for GGUF files, which carry none)."""
+        if self.kind != "hf":
+            return {}
+        path = self.path / "generation_config.json"
+        if not path.exists():
+            return {}
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadCheckpoint(f"{path}: not valid JSON ({e})") from None
+        return raw if isinstance(raw, dict) else {}
+
+    def sampling_defaults(self, thinking: bool = False) -> dict[str, Any]:
+        gen = self.generation_config()
+        if gen.get("do_sample") is False:
+            return {"temperature": 0.0}
+        defaults = dict(QWEN3_THINKING_DEFAULTS if thinking else QWEN_DEFAULTS)
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p"):
+            if isinstance(gen.get(key), (int, float)):
+                defaults[key] = gen[key]
+        return defaults
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        ids = list(self.config.eos_token_ids)
+        eos = self.generation_config().get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        ids += [i for i in QWEN_STOP_IDS if i < self.config.vocab_size and tokenizer.id_to_token(i) is not None]
+        return sorted(set(ids))
+
+    def tensor_types(self) -> dict[str, int]:
+        if self.kind == "gguf":
+            counts: dict[str, int] = {}
+            for t in self._gguf.tensors.values():
+                counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+            return counts
+        return self._weights.dtypes()
+
+    def parameter_count(self) -> int:
+        if self.kind == "gguf":
+            return sum(t.n_elements for t in self._gguf.tensors.values())
+        total = 0
+        for name in self._weights.names():
+            n = 1
+            for d in self._weights.shape(name):
+                n *= d
+            total += n
+        return total
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "gguf":
+        from qwenkit.checkpoint.gguf import GGUFFile
+
+        gguf = GGUFFile(path)
+        config = ModelConfig.from_gguf_metadata(gguf.metadata, source=str(path))
+        config.tie_word_embeddings = "output.weight" not in gguf.tensors
+        if config.is_moe:
+            # GGUF metadata has no mlp_only_layers: a layer without a router is a dense one.
+            config.mlp_only_layers = [
+                i for i in range(config.num_hidden_layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors
+            ]
+        return Checkpoint(path, kind, config, _gguf=gguf)
+    from qwenkit.checkpoint.safetensors import SafetensorsFolder
+
+    config = ModelConfig.from_json_file(path / "config.json")
+    return Checkpoint(path, kind, config, _weights=SafetensorsFolder(path))
