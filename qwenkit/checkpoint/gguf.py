@@ -126,8 +126,8 @@ class _Parser:
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
         if self.pos + n > self.size:
-            raise self.fail(f"{what} at offset {self.pos - 8} claims {n} bytes, past the end of the file "
-                            f"({self.size} bytes)")
+            raise self.fail(f"truncated or corrupt: {what} at offset {self.pos - 8} claims {n} bytes, past the end "
+                            f"of the file ({self.size} bytes)")
         s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
         self.pos += n
         return s
@@ -154,8 +154,8 @@ class _Parser:
             raise self.fail(f"{what} has unknown array item type {itype}")
         count = self.u64(f"length of {what}")
         if count * _min_item_size(itype) > self.size - self.pos:
-            raise self.fail(f"{what} at offset {self.pos - 12} claims {count} items, more than fit in the rest of "
-                            f"the file ({self.size} bytes)")
+            raise self.fail(f"truncated or corrupt: {what} at offset {self.pos - 12} claims {count} items, more than "
+                            f"fit in the rest of the file ({self.size} bytes)")
         sc = _SCALARS.get(itype)
         if sc is not None:
             _, dtype, size = sc
@@ -182,8 +182,8 @@ class _Parser:
             pos += 8
             end = pos + n
             if end > size:
-                raise self.fail(f"{what}[{i}] at offset {pos - 8} claims {n} bytes, past the end of the file "
-                                f"({size} bytes)")
+                raise self.fail(f"truncated or corrupt: {what}[{i}] at offset {pos - 8} claims {n} bytes, past the "
+                                f"end of the file ({size} bytes)")
             append(buf[pos:end].decode("utf-8", errors="replace"))
             pos = end
         self.pos = pos
@@ -355,6 +355,18 @@ class GGUFFile:
         if t is None:
             raise BadCheckpoint(f"{self.path}: no tensor named {_show(name)}")
         return t
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s file pages from this process's resident memory once it has been copied out.
+
+        They stay in the page cache, so a re-read is cheap; without this, the mapped pages of tensors already
+        loaded count in RSS next to their copies and the load's peak grows past the model's own size.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        t = self._tensor(name)
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only, zero-copy uint8 view into the memory map."""

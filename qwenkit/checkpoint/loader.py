@@ -107,6 +107,7 @@ def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype) -> QwenForCausalLM:
             gguf.dequantize(name, out=view)  # straight from the memory map into the parameter
         else:
             view.copy_(gguf.dequantize(name).reshape(view.shape))
+        gguf.release(name)
 
     shapes = lambda n: gguf.tensors[n].shape  # noqa: E731
     fill(model, list(gguf.tensors), lambda n: gguf_target(n, config), shapes, copy_into, str(gguf.path))
