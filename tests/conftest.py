@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_tiny"]
+
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:

@@ -50,7 +50,7 @@ def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None
             if gguf_name.endswith("ffn_gate_inp_shexp.weight"):
                 part = part.reshape(-1)  # llama.cpp stores the shared-expert gate as a vector
             part = np.ascontiguousarray(part)
-            if qtype is None or part.ndim == 1:
+            if qtype is None or part.ndim == 1 or part.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                 w.add_tensor(gguf_name, part)
             else:
                 w.add_tensor(gguf_name, gguf.quants.quantize(part, qtype), raw_dtype=qtype)

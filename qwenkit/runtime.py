@@ -1,0 +1,121 @@
+"""The Python API: `qwenkit.load(ref)` returns a Model with `generate` (raw text) and `chat` (messages, tools).
+
+Both return one aggregated Response, or with stream=True an iterator of Responses, one per generated token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenkit.checkpoint import Checkpoint, open_checkpoint
+from qwenkit.engine.generate import stream_responses
+from qwenkit.engine.response import Response
+from qwenkit.engine.sampling import SamplingParams
+from qwenkit.errors import BadRequest, ContextTooLong
+
+log = logging.getLogger("qwenkit")
+
+
+class Model:
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, threads: int | None = None):
+        from qwenkit.text.chat import ChatTemplate
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        started = time.perf_counter()
+        self.model = checkpoint.load_model(dtype)
+        self.load_seconds = time.perf_counter() - started
+        self.tokenizer = checkpoint.tokenizer()
+        self.template = ChatTemplate(
+            self.tokenizer.chat_template,
+            bos_token=self._token_text(self.tokenizer.bos_token_id),
+            eos_token=self._token_text(self.tokenizer.eos_token_id),
+        )
+        self.stop_token_ids = set(checkpoint.stop_token_ids(self.tokenizer))
+        self.context_length = self.config.max_position_embeddings
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    # ---- prompts ---------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt text the model sees for this conversation, through the checkpoint's own chat template."""
+        return self.template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+        )
+
+    def _params(self, thinking: bool, sampling: dict[str, Any]) -> SamplingParams:
+        return SamplingParams.from_kwargs(self.checkpoint.sampling_defaults(thinking), **sampling)
+
+    def _budget(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise ContextTooLong(
+                f"prompt is {len(prompt_ids)} tokens, the model's context is {self.context_length} tokens"
+            )
+        return min(params.max_tokens or room, room)
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling) -> Response | Iterator[Response]:
+        """Continue raw text (or token ids) with no chat template."""
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            prompt_ids = list(prompt)
+        else:
+            raise BadRequest("prompt must be a string or a list of token ids within the vocabulary")
+        if not prompt_ids:
+            raise BadRequest("prompt is empty")
+        params = self._params(False, sampling)
+        return self._run(prompt_ids, params, parser=None, stream=stream)
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        stream: bool = False,
+        enable_thinking: bool | None = None,
+        **sampling,
+    ) -> Response | Iterator[Response]:
+        """Answer a conversation; reasoning, content and tool calls come back apart."""
+        from qwenkit.text.stream import StreamParser
+
+        prompt_ids = self.tokenizer.encode(self.render(messages, tools=tools, enable_thinking=enable_thinking))
+        # Some templates (Qwen3 thinking releases) end the prompt inside an opened <think> block.
+        opened = StreamParser.prompt_in_reasoning(self.tokenizer, prompt_ids)
+        thinking = self.config.model_type.startswith("qwen3") and (opened or enable_thinking is not False)
+        params = self._params(thinking, sampling)
+        parser = StreamParser(self.tokenizer, in_reasoning=opened, seed=params.seed)
+        return self._run(prompt_ids, params, parser=parser, stream=stream)
+
+    def _run(self, prompt_ids: list[int], params: SamplingParams, parser, stream: bool):
+        max_new = self._budget(prompt_ids, params)
+        stop_ids = self.stop_token_ids | set(params.stop_token_ids)
+        steps = stream_responses(self.model, self.tokenizer, prompt_ids, params, max_new, stop_ids, parser)
+        if stream:
+            return steps
+        total = Response()
+        for step in steps:
+            total.merge(step)
+        return total
+
+
+def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, threads: int | None = None, pull: bool = True) -> Model:
+    """Load a model by short name (`qwen2.5-coder:0.5b`), Hugging Face id, or local path (.gguf file or folder).
+
+    Names not cached yet are pulled first (set pull=False to fail instead); once cached, no network is used.
+    """
+    from qwenkit import hub
+
+    path = hub.pull(str(ref)) if pull else hub.resolve(str(ref))
+    return Model(open_checkpoint(path), dtype=dtype, threads=threads)
