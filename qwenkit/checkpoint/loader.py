@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,8 +47,23 @@ def checkpoint_kind(path: Path) -> str:
     raise BadCheckpoint(f"{path}: no such file or folder")
 
 
+@contextmanager
+def _skip_init():
+    """Skip nn.init while building: every parameter is overwritten from the checkpoint, and on the meta device
+    the init calls would only cost time (they import torch._dynamo, about a second)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_", "constant_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def empty_model(config: ModelConfig, dtype: torch.dtype) -> QwenForCausalLM:
-    with torch.device("meta"):
+    with _skip_init(), torch.device("meta"):
         model = QwenForCausalLM(config)
     return model.to(dtype).to_empty(device="cpu").eval().requires_grad_(False)
 

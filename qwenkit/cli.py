@@ -1,0 +1,182 @@
+"""The `qwenkit` command. Each verb is a thin call into a package; user errors become one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from qwenkit.errors import QwenkitError
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, help="0 for greedy decoding (default: the model's own)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="same seed, same answer")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens (default: up to the context)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenkit", description="Run open-weight Qwen models on this machine.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = sub.add_parser("run", help="answer a prompt (streamed), or chat interactively without one")
+    run.add_argument("model", help="short name (qwen2.5-coder:0.5b), Hugging Face id, or path to .gguf / folder")
+    run.add_argument("prompt", nargs="?", help="the prompt; '-' reads it from stdin; omit for interactive chat")
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--think", dest="think", action="store_true", default=None, help="let Qwen3 models reason")
+    run.add_argument("--no-think", dest="think", action="store_false", help="turn Qwen3 reasoning off")
+    run.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    run.add_argument("--quiet-stats", action="store_true", help="do not print speed statistics to stderr")
+    _sampling_args(run)
+
+    pull = sub.add_parser("pull", help="download a model into the cache (sha256-checked)")
+    pull.add_argument("model")
+    sub.add_parser("list", help="list cached models")
+    rm = sub.add_parser("rm", help="remove a cached model")
+    rm.add_argument("model")
+    info = sub.add_parser("info", help="architecture, parameters, tensor types and context length of a model")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bench = sub.add_parser("bench", help="measure prompt and decode tokens/s and peak memory")
+    bench.add_argument("model")
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--gen-tokens", type=int, default=128)
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--threads", type=int)
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return VERBS[args.verb](args) or 0
+    except QwenkitError as e:
+        print(f"qwenkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into a program that stopped reading (`| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qwenkit.cli_chat import answer_once, interactive
+
+    import qwenkit
+
+    model = qwenkit.load(args.model, threads=args.threads)
+    sampling = _sampling(args)
+    if args.prompt is None:
+        return interactive(model, args.system, args.think, sampling)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    answer_once(model, messages, args.think, sampling, stats=not args.quiet_stats)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from qwenkit import hub
+
+    path = hub.pull(args.model, progress=sys.stderr.isatty())
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qwenkit import hub
+
+    models = hub.list_models()
+    if not models:
+        print("no models cached (try: qwenkit pull qwen2.5-coder:0.5b)", file=sys.stderr)
+        return 0
+    print(f"{'NAME':40} {'SIZE':>10}  PATH")
+    for m in models:
+        print(f"{m.ref:40} {m.size / 1e9:>8.2f}GB  {m.path}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from qwenkit import hub
+
+    print(f"removed {hub.remove(args.model)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from qwenkit import hub
+    from qwenkit.checkpoint import open_checkpoint
+
+    path = hub.resolve(args.model)
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    facts = {
+        "path": str(path),
+        "format": ckpt.kind,
+        "architecture": c.model_type,
+        "parameters": ckpt.parameter_count(),
+        "context_length": c.max_position_embeddings,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "attention_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "tied_embeddings": c.tie_word_embeddings,
+        "tensor_types": ckpt.tensor_types(),
+    }
+    if c.is_moe:
+        facts["experts"] = f"{c.num_experts_per_tok} of {c.num_experts}"
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    for key, value in facts.items():
+        if key == "parameters":
+            value = f"{value / 1e9:.2f}B ({value:,})"
+        elif key == "tensor_types":
+            value = ", ".join(f"{k} x{n}" for k, n in sorted(value.items()))
+        print(f"{key.replace('_', ' '):16} {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import qwenkit
+    from qwenkit.bench import run_bench
+
+    model = qwenkit.load(args.model, threads=args.threads)
+    r = run_bench(model.model, args.prompt_tokens, args.gen_tokens, args.reps)
+    if args.json:
+        print(json.dumps(r.__dict__ | {"model": args.model, "load_seconds": model.load_seconds}))
+        return 0
+    print(f"model         {args.model} ({model.config.model_type}, {r.threads} threads)")
+    print(f"prompt        {r.prompt_tps:8.1f} tokens/s  ({r.prompt_tokens} tokens, median of {args.reps})")
+    print(f"decode        {r.decode_tps:8.1f} tokens/s  ({r.gen_tokens} tokens, median of {args.reps})")
+    print(f"peak memory   {r.peak_memory_gb:8.2f} GB")
+    return 0
+
+
+VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())
