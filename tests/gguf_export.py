@@ -13,12 +13,13 @@ from qwenkit.model.config import GGUF_ARCHITECTURES
 ARCH_OF = {v: k for k, v in GGUF_ARCHITECTURES.items()}
 
 
-def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None) -> Path:
+def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None, split_max_tensors: int = 0) -> Path:
+    """Returns the path written (the first shard's when split_max_tensors splits the model)."""
     import gguf
 
     c = model.config
     arch = ARCH_OF[c.model_type]
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -58,4 +59,4 @@ def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(Path(path))[0]

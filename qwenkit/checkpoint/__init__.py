@@ -99,9 +99,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "gguf":
-        from qwenkit.checkpoint.gguf import GGUFFile
+        from qwenkit.checkpoint.gguf_split import open_gguf
 
-        gguf = GGUFFile(path)
+        gguf = open_gguf(path)
         config = ModelConfig.from_gguf_metadata(gguf.metadata, source=str(path))
         config.tie_word_embeddings = "output.weight" not in gguf.tensors
         if config.is_moe:
