@@ -6,7 +6,6 @@ strings, and, for chat, the reasoning / content / tool-call split).
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from qwenkit.engine.cache import KVCache
 from qwenkit.engine.response import Response, ToolCallFailure, ToolCallRecord, Usage
 from qwenkit.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from qwenkit.engine.stopstrings import StopStringFilter
+from qwenkit.memory import peak_rss_bytes
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory for long prompts
 
@@ -29,7 +29,7 @@ class Timings:
 
 
 def peak_memory_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def decode_tokens(

@@ -1,6 +1,6 @@
 """Peak memory of loading the real default GGUF: the model plus at most a quarter of it, over the interpreter.
 
-The load runs in a fresh child process so that the peak (ru_maxrss, which counts every resident page, memory-mapped
+The load runs in a fresh child process so that the peak (VmHWM, which counts every resident page, memory-mapped
 file pages included) belongs to this load alone. The baseline is the child's RSS with torch imported, measured
 before qwenkit is imported or anything is loaded. The in-memory model is the sum of its parameter bytes (fp32).
 """
@@ -22,14 +22,15 @@ def rss():  # current resident set size in bytes
 
 import torch
 baseline = rss()
-baseline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from qwenkit.memory import peak_rss_bytes
+baseline_peak = peak_rss_bytes()
 import qwenkit
 imported = rss()
 import time
 t = time.perf_counter()
 model = qwenkit.load(sys.argv[1], pull=False)
 seconds = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry over pytest's own peak through exec
 params = {id(p): p for p in model.model.parameters()}.values()
 model_bytes = sum(p.numel() * p.element_size() for p in params)
 print(json.dumps(dict(baseline=baseline, baseline_peak=baseline_peak, imported=imported, peak=peak, after=rss(),
