@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_MODEL ?= qwen2.5-coder:0.5b
 DEMO_PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a one-line docstring.
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test venv clean-venv llama-cpp
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The CPU speed peer for benchmarks/: builds llama-cpp-python once per machine (30-40 min on 2 cores), then caches it.
+llama-cpp: $(STAMP)
+	scripts/build_llama_cpp.sh
 
 clean-venv:
 	rm -rf $(VENV)
