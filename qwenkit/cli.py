@@ -22,6 +22,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _quant_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quant",
+        choices=("auto", "int8", "int4", "none"),
+        default="auto",
+        help="weight format: auto keeps a GGUF file's quantized weights compact and exact (default); int8/int4 "
+        "quantize every linear layer; none runs fp32",
+    )
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -40,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-think", dest="think", action="store_false", help="turn Qwen3 reasoning off")
     run.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
     run.add_argument("--quiet-stats", action="store_true", help="do not print speed statistics to stderr")
+    _quant_arg(run)
     _sampling_args(run)
 
     pull = sub.add_parser("pull", help="download a model into the cache (sha256-checked)")
@@ -58,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--threads", type=int)
     bench.add_argument("--json", action="store_true")
+    _quant_arg(bench)
     return parser
 
 
@@ -84,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import qwenkit
 
-    model = qwenkit.load(args.model, threads=args.threads)
+    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
     sampling = _sampling(args)
     if args.prompt is None:
         return interactive(model, args.system, args.think, sampling)
@@ -164,12 +176,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import qwenkit
     from qwenkit.bench import run_bench
 
-    model = qwenkit.load(args.model, threads=args.threads)
+    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
     r = run_bench(model.model, args.prompt_tokens, args.gen_tokens, args.reps)
     if args.json:
         print(json.dumps(r.__dict__ | {"model": args.model, "load_seconds": model.load_seconds}))
         return 0
-    print(f"model         {args.model} ({model.config.model_type}, {r.threads} threads)")
+    print(f"model         {args.model} ({model.config.model_type}, quant {args.quant}, {r.threads} threads)")
     print(f"prompt        {r.prompt_tps:8.1f} tokens/s  ({r.prompt_tokens} tokens, median of {args.reps})")
     print(f"decode        {r.decode_tps:8.1f} tokens/s  ({r.gen_tokens} tokens, median of {args.reps})")
     print(f"peak memory   {r.peak_memory_gb:8.2f} GB")

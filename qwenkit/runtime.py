@@ -23,7 +23,9 @@ log = logging.getLogger("qwenkit")
 
 
 class Model:
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, threads: int | None = None):
+    def __init__(
+        self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, threads: int | None = None, quant: str = "auto"
+    ):
         from qwenkit.text.chat import ChatTemplate
 
         if threads:
@@ -31,7 +33,8 @@ class Model:
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         started = time.perf_counter()
-        self.model = checkpoint.load_model(dtype)
+        self.quant = quant
+        self.model = checkpoint.load_model(dtype, quant)
         self.load_seconds = time.perf_counter() - started
         self.tokenizer = checkpoint.tokenizer()
         self.template = ChatTemplate(
@@ -110,12 +113,20 @@ class Model:
         return total
 
 
-def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, threads: int | None = None, pull: bool = True) -> Model:
+def load(
+    ref: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    quant: str = "auto",
+    pull: bool = True,
+) -> Model:
     """Load a model by short name (`qwen2.5-coder:0.5b`), Hugging Face id, or local path (.gguf file or folder).
 
     Names not cached yet are pulled first (set pull=False to fail instead); once cached, no network is used.
+    quant: auto (quantized GGUF weights stay compact and exact, float weights stay float), int8, int4 or none.
     """
     from qwenkit import hub
 
     path = hub.pull(str(ref)) if pull else hub.resolve(str(ref))
-    return Model(open_checkpoint(path), dtype=dtype, threads=threads)
+    return Model(open_checkpoint(path), dtype=dtype, threads=threads, quant=quant)

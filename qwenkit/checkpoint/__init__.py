@@ -31,10 +31,14 @@ class Checkpoint:
     _gguf: Any = None
     _weights: Any = None
 
-    def load_model(self, dtype: torch.dtype = torch.float32):
+    def load_model(self, dtype: torch.dtype = torch.float32, quant: str = "none"):
+        """The model with weights in `dtype`; `quant` (auto, int8, int4, none) keeps linear weights compact."""
+        from qwenkit.quant.apply import check_mode
+
+        check_mode(quant)
         if self.kind == "gguf":
-            return load_gguf(self._gguf, self.config, dtype)
-        return load_hf(self.path, self.config, self._weights, dtype)
+            return load_gguf(self._gguf, self.config, dtype, quant)
+        return load_hf(self.path, self.config, self._weights, dtype, quant)
 
     def tokenizer(self):
         from qwenkit.text.tokenizer import Tokenizer

@@ -104,19 +104,40 @@ def fill(
         raise BadCheckpoint(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
 
 
-def load_hf(folder: Path, config: ModelConfig, weights: SafetensorsFolder, dtype: torch.dtype) -> QwenForCausalLM:
+def load_hf(
+    folder: Path, config: ModelConfig, weights: SafetensorsFolder, dtype: torch.dtype, quant: str = "none"
+) -> QwenForCausalLM:
+    from qwenkit.quant import apply
+
     model = empty_model(config, dtype)
+    target_of = lambda n: hf_target(n, config)  # noqa: E731
+    names = [n for n in weights.names() if not n.endswith("rotary_emb.inv_freq")]
+    if quant != "none":
+        names = apply.install(model, names, target_of, lambda n: apply.float_format(weights.get(n), quant), str(folder))
 
     def copy_into(name: str, view: torch.Tensor) -> None:
         view.copy_(weights.get(name).reshape(view.shape))
 
-    names = [n for n in weights.names() if not n.endswith("rotary_emb.inv_freq")]
-    fill(model, names, lambda n: hf_target(n, config), weights.shape, copy_into, str(folder))
+    fill(model, names, target_of, weights.shape, copy_into, str(folder))
+    if quant != "none":
+        apply.fuse(model)
     return model
 
 
-def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype) -> QwenForCausalLM:
+def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none") -> QwenForCausalLM:
+    from qwenkit.quant import apply
+
     model = empty_model(config, dtype)
+    target_of = lambda n: gguf_target(n, config)  # noqa: E731
+    names = list(gguf.tensors)
+    if quant != "none":
+
+        def make_format(name: str):
+            fmt = apply.gguf_format(gguf, name, quant)
+            gguf.release(name)
+            return fmt
+
+        names = apply.install(model, names, target_of, make_format, str(gguf.path))
 
     def copy_into(name: str, view: torch.Tensor) -> None:
         if view.is_contiguous() and view.dtype == torch.float32 and tuple(view.shape) == gguf.tensors[name].shape:
@@ -126,7 +147,9 @@ def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype) -> QwenForCausalLM:
         gguf.release(name)
 
     shapes = lambda n: gguf.tensors[n].shape  # noqa: E731
-    fill(model, list(gguf.tensors), lambda n: gguf_target(n, config), shapes, copy_into, str(gguf.path))
+    fill(model, names, target_of, shapes, copy_into, str(gguf.path))
+    if quant != "none":
+        apply.fuse(model)
     return model
 
 

@@ -36,7 +36,7 @@ def decode_tokens(
     model, prompt_ids: list[int], sampler: Sampler, max_new: int, stop_ids: set[int], timings: Timings
 ) -> Iterator[tuple[int, TokenLogprob | None]]:
     """Yield (token, logprob) until a stop id (yielded, then the loop ends) or max_new tokens."""
-    dtype = model.head_weight.dtype
+    dtype = model.dtype
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new, dtype)
     timings.started = time.perf_counter()
     ids = torch.tensor([prompt_ids], dtype=torch.long)

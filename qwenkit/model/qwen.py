@@ -35,8 +35,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = None  # set by qwenkit.quant.apply.fuse: gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -51,6 +55,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
+        self.qkv_proj = None  # set by qwenkit.quant.apply.fuse: q, k and v in one matmul
+        self.split = (q_dim, kv_dim, kv_dim)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -59,9 +65,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache, start: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_kv, self.head_dim)
+        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # Qwen3: RMSNorm over head_dim before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
@@ -130,8 +140,14 @@ class QwenForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
-    def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of the norms: quantized layers keep their weights in other types)."""
+        return self.model.norm.weight.dtype
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)
 
     def forward(self, input_ids: torch.Tensor, cache=None, logits: str = "all") -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last") or final hidden states ("none").
@@ -154,4 +170,4 @@ class QwenForCausalLM(nn.Module):
             x = x[:, -1]
         elif logits == "none":
             return self.model.norm(x)
-        return F.linear(self.model.norm(x), self.head_weight)
+        return self.head(self.model.norm(x))

@@ -28,7 +28,7 @@ def ours(default_gguf):
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.runtime import Model
 
-    return Model(open_checkpoint(default_gguf))
+    return Model(open_checkpoint(default_gguf), quant="none")  # fp32, as transformers dequantizes
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,8 @@ class ScriptedLM:
         self.lm, self.script, self.config, self.step = lm, list(script), lm.config, 0
 
     @property
-    def head_weight(self):
-        return self.lm.head_weight
+    def dtype(self):
+        return self.lm.dtype
 
     def __call__(self, input_ids, cache=None, logits="all"):
         out = self.lm(input_ids, cache=cache, logits=logits)

@@ -1,0 +1,122 @@
+"""Putting compact weights into a model as it loads (`--quant auto|int8|int4|none`), then fusing projections.
+
+- auto: GGUF tensors that are quantized go into their nearest exact format (Q8_0/Q5_x/Q6_K -> int8 grouped,
+  Q4_x -> int4 grouped); float weights stay float. Fast with no loss against the file.
+- int8: every linear weight as int8 (exact for GGUF types up to 8 bits; float weights quantized in groups of 32).
+- int4: every linear weight as int4 in groups of 32 (exact for Q4_x; others re-quantized, with some loss).
+- none: fp32 (or the requested dtype) everywhere: the reference path.
+
+Only dense linear weights are quantized (attention, MLP, shared expert, the head, and the embedding table); the MoE
+router and stacked experts stay in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwenkit.checkpoint import quants
+from qwenkit.errors import BadCheckpoint, BadRequest
+from qwenkit.quant.formats import Int4Grouped, Int8Grouped
+from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
+from qwenkit.quant.fuse import _as_int8, concat_rows
+from qwenkit.quant.linear import QuantEmbedding, QuantLinear
+from qwenkit.quant.quantize import quantize_int4, quantize_int8
+
+QUANT_MODES = ("auto", "int8", "int4", "none")
+FLOAT_GROUP = 32
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise BadRequest(f"quant must be one of {', '.join(QUANT_MODES)}, got {mode!r}")
+    return mode
+
+
+def is_quantizable(param: str) -> bool:
+    return param.endswith("_proj.weight") or param in ("lm_head.weight", EMBEDDING)
+
+
+def gguf_format(gguf, name: str, mode: str) -> Int8Grouped | Int4Grouped | None:
+    """The compact form of GGUF tensor `name` under `mode`, or None to keep it in float."""
+    t = gguf.tensors[name]
+    native = t.qtype in CONVERTIBLE and len(t.shape) == 2
+    if mode == "none" or (mode == "auto" and not native):
+        return None
+    if native and (mode != "int4" or target_format(t.qtype)[0] is Int4Grouped):
+        fmt = convert(gguf.raw(name), t.qtype, t.shape)
+        return _as_int8(fmt) if mode == "int8" else fmt
+    return _requantize_rows(gguf, name, quantize_int8 if mode == "int8" else quantize_int4)
+
+
+def _requantize_rows(gguf, name: str, quantize: Callable) -> Int8Grouped | Int4Grouped:
+    """Dequantize and re-quantize a tensor a slice of rows at a time (never a full fp32 copy of the tensor)."""
+    t = gguf.tensors[name]
+    n, k = t.shape
+    raw, row_bytes = gguf.raw(name), t.nbytes // n
+    step = max(1, (1 << 22) // k)
+    parts = []
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        rows = quants.dequantize(np.asarray(raw[a * row_bytes : b * row_bytes]), t.qtype, (b - a) * k)
+        parts.append(quantize(torch.from_numpy(rows).view(b - a, k), FLOAT_GROUP))
+    return concat_rows(parts) if len(parts) > 1 else parts[0]
+
+
+def float_format(weight: torch.Tensor, mode: str) -> Int8Grouped | Int4Grouped | None:
+    if mode in ("none", "auto"):
+        return None
+    return (quantize_int8 if mode == "int8" else quantize_int4)(weight, FLOAT_GROUP)
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, attr = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def install(model, names: list[str], target_of, make_format: Callable[[str], object], source: str) -> list[str]:
+    """Replace the linear layers (and embedding) that `make_format` quantizes; return the names left to fill."""
+    remaining = []
+    for name in names:
+        target = target_of(name)
+        if target is None or target.index or not is_quantizable(target.param):
+            remaining.append(name)
+            continue
+        if target.param == "lm_head.weight" and model.lm_head is None:
+            continue  # tied: the embedding's table serves as the head
+        fmt = make_format(name)
+        if fmt is None:
+            remaining.append(name)
+            continue
+        module_name = target.param.rsplit(".", 1)[0]
+        old = model.get_submodule(module_name)
+        want = tuple(old.weight.shape)
+        if tuple(fmt.shape) != want:
+            raise BadCheckpoint(f"{source}: tensor {name} has shape {list(fmt.shape)}, expected {list(want)}")
+        if target.param == EMBEDDING:
+            table = QuantLinear(fmt)
+            if model.lm_head is None:
+                model.lm_head = table  # tied head: one table for both ends
+            model.model.embed_tokens = QuantEmbedding(table)
+        else:
+            _set_module(model, module_name, QuantLinear(fmt, bias=old.bias))
+    return remaining
+
+
+def fuse(model) -> None:
+    """q/k/v and gate/up of quantized layers into single projections: fewer, larger matrix-vector products."""
+    for module in model.modules():
+        if all(isinstance(getattr(module, n, None), QuantLinear) for n in ("q_proj", "k_proj", "v_proj")):
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+            bias = None
+            if all(p.bias is not None for p in parts):
+                bias = torch.cat([p.bias.data for p in parts])
+            module.qkv_proj = QuantLinear(concat_rows([p.format for p in parts]), bias=bias)
+            module.q_proj = module.k_proj = module.v_proj = None
+        if all(isinstance(getattr(module, n, None), QuantLinear) for n in ("gate_proj", "up_proj")):
+            module.gate_up_proj = QuantLinear(concat_rows([module.gate_proj.format, module.up_proj.format]))
+            module.gate_proj = module.up_proj = None
