@@ -10,10 +10,20 @@ mkdir -p "$CACHE"
 wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
     echo "building llama-cpp-python $VERSION (30-40 minutes on 2 cores); wheel goes to $CACHE" >&2
-    # GGML_NATIVE: tuned for this CPU (AVX2/FMA here), as a user building llama.cpp locally would get.
-    CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-        nice -n 10 .venv/bin/python -m pip wheel --no-deps --no-binary llama-cpp-python -w "$CACHE" \
-        "llama-cpp-python==$VERSION"
+    # Tuned for this CPU's instruction sets, as a local llama.cpp build would be, but without AMX: where
+    # /proc/cpuinfo lists AMX and the virtual machine does not enable its tile state, ggml's AMX kernels die with
+    # SIGILL (seen here: tileloadd in ggml_backend_amx_mul_mat). -march=native would switch AMX on, so the flags
+    # are named one by one from the CPU's own list.
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    args="-DGGML_NATIVE=OFF"
+    for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+                avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+        if [[ "$flags" == *" ${pair%%:*} "* ]]; then args="$args -DGGML_${pair##*:}=ON"; fi
+    done
+    echo "CMAKE_ARGS=$args" >&2
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        nice -n 10 .venv/bin/python -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python \
+        -w "$CACHE" "llama-cpp-python==$VERSION"
     wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
 .venv/bin/python -m pip install --quiet -c requirements.lock "$wheel" diskcache

@@ -1,10 +1,14 @@
 """Putting compact weights into a model as it loads (`--quant auto|int8|int4|none`), then fusing projections.
 
-- auto: GGUF tensors that are quantized go into their nearest exact format (Q8_0/Q5_x/Q6_K -> int8 grouped,
-  Q4_x -> int4 grouped); float weights stay float. Fast with no loss against the file.
-- int8: every linear weight as int8 (exact for GGUF types up to 8 bits; float weights quantized in groups of 32).
-- int4: every linear weight as int4 in groups of 32 (exact for Q4_x; others re-quantized, with some loss).
+- auto: quantized GGUF tensors stay compact: 4-bit types (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K) as int4 (exact), the
+  others as int8; float weights stay float.
+- int8: every linear weight as int8.
+- int4: every linear weight as int4 in groups of 32 (exact for 4-bit types; others re-quantized, with some loss).
 - none: fp32 (or the requested dtype) everywhere: the reference path.
+
+The int8 layout follows the CPU (qwenkit.quant.cpu): where a fused int8 kernel exists (native bf16, or fbgemm on
+x86), one scale per row (5- to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept exactly in
+groups (Q8_0/Q5_x/Q6_K map one to one) for our compiled fp32 kernel.
 
 Only dense linear weights are quantized (attention, MLP, shared expert, the head, and the embedding table); the MoE
 router and stacked experts stay in float.
@@ -20,6 +24,7 @@ from torch import nn
 
 from qwenkit.checkpoint import quants
 from qwenkit.errors import BadCheckpoint, BadRequest
+from qwenkit.quant.cpu import per_row_int8
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
 from qwenkit.quant.fuse import _as_int8, concat_rows
@@ -41,16 +46,29 @@ def is_quantizable(param: str) -> bool:
     return param.endswith("_proj.weight") or param in ("lm_head.weight", EMBEDDING)
 
 
+def _int8(weight: torch.Tensor) -> Int8Grouped:
+    """int8 for float weights: one scale per row where a fused kernel runs it, else groups of 32."""
+    return quantize_int8(weight, None if per_row_int8() else FLOAT_GROUP)
+
+
+def _int4(weight: torch.Tensor) -> Int4Grouped:
+    return quantize_int4(weight, FLOAT_GROUP)
+
+
 def gguf_format(gguf, name: str, mode: str) -> Int8Grouped | Int4Grouped | None:
     """The compact form of GGUF tensor `name` under `mode`, or None to keep it in float."""
     t = gguf.tensors[name]
     native = t.qtype in CONVERTIBLE and len(t.shape) == 2
     if mode == "none" or (mode == "auto" and not native):
         return None
-    if native and (mode != "int4" or target_format(t.qtype)[0] is Int4Grouped):
-        fmt = convert(gguf.raw(name), t.qtype, t.shape)
-        return _as_int8(fmt) if mode == "int8" else fmt
-    return _requantize_rows(gguf, name, quantize_int8 if mode == "int8" else quantize_int4)
+    four_bit = native and target_format(t.qtype)[0] is Int4Grouped
+    if mode == "auto":
+        mode = "int4" if four_bit else "int8"
+    if mode == "int4":
+        return convert(gguf.raw(name), t.qtype, t.shape) if four_bit else _requantize_rows(gguf, name, _int4)
+    if native and not per_row_int8():
+        return _as_int8(convert(gguf.raw(name), t.qtype, t.shape))  # exact grouped int8
+    return _requantize_rows(gguf, name, _int8)
 
 
 def _requantize_rows(gguf, name: str, quantize: Callable) -> Int8Grouped | Int4Grouped:
@@ -63,14 +81,14 @@ def _requantize_rows(gguf, name: str, quantize: Callable) -> Int8Grouped | Int4G
     for a in range(0, n, step):
         b = min(a + step, n)
         rows = quants.dequantize(np.asarray(raw[a * row_bytes : b * row_bytes]), t.qtype, (b - a) * k)
-        parts.append(quantize(torch.from_numpy(rows).view(b - a, k), FLOAT_GROUP))
+        parts.append(quantize(torch.from_numpy(rows).view(b - a, k)))
     return concat_rows(parts) if len(parts) > 1 else parts[0]
 
 
 def float_format(weight: torch.Tensor, mode: str) -> Int8Grouped | Int4Grouped | None:
     if mode in ("none", "auto"):
         return None
-    return (quantize_int8 if mode == "int8" else quantize_int4)(weight, FLOAT_GROUP)
+    return _int8(weight) if mode == "int8" else _int4(weight)
 
 
 def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -115,8 +133,18 @@ def fuse(model) -> None:
             bias = None
             if all(p.bias is not None for p in parts):
                 bias = torch.cat([p.bias.data for p in parts])
-            module.qkv_proj = QuantLinear(concat_rows([p.format for p in parts]), bias=bias)
+            module.qkv_proj = QuantLinear(_joined(parts), bias=bias)
             module.q_proj = module.k_proj = module.v_proj = None
         if all(isinstance(getattr(module, n, None), QuantLinear) for n in ("gate_proj", "up_proj")):
-            module.gate_up_proj = QuantLinear(concat_rows([module.gate_proj.format, module.up_proj.format]))
+            module.gate_up_proj = QuantLinear(_joined([module.gate_proj, module.up_proj]))
             module.gate_proj = module.up_proj = None
+
+
+def _joined(layers: list[QuantLinear]) -> Int8Grouped | Int4Grouped:
+    """The layers' weights as one. Where int8 runs as one scale per row (fused kernels), a mix of formats is
+    brought to that form, so the joined layer keeps the fast kernel."""
+    formats = [layer.format for layer in layers]
+    per_row = [layer.kind == "int8" and layer.group == layer.in_features for layer in layers]
+    if per_row_int8() and any(per_row) and not all(per_row):
+        formats = [f if row else quantize_int8(f.dequantize(), None) for f, row in zip(formats, per_row)]
+    return concat_rows(formats)

@@ -97,6 +97,15 @@ class Int4Grouped:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scale.nbytes + self.offset.nbytes
 
+    @classmethod
+    def from_values(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> Int4Grouped:
+        """Pack values q (uint8 0..15, [N, K], natural column order) into this layout."""
+        n, k = q.shape
+        h = group // 2
+        grouped = q.reshape(n, k // group, 2, h)
+        packed = grouped[:, :, 0] | (grouped[:, :, 1] << 4)
+        return cls(packed.reshape(n, k // 2).contiguous(), scale, offset, group)
+
     def unpack(self, rows: slice | None = None) -> torch.Tensor:
         """The 4-bit values q (0..15) as uint8 [rows, K] in natural column order."""
         p = self.packed if rows is None else self.packed[rows]

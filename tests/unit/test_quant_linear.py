@@ -1,9 +1,13 @@
-"""Quantized linear layers against their own dequantized fp32 weights, for every format and both kernels.
+"""Quantized linear layers against their own dequantized fp32 weights, for every format and every kernel.
 
-Tolerance: the layer computes exactly sum_k x_k * w_k with w_k the dequantized weight, only in another order
-(and the compiled kernel may use fused multiply-adds), so the difference is fp32 rounding noise: we allow
-1e-5 relative to the output's scale (sum_k |x_k * w_k|), about 100x the noise seen and far below any real
-error (one wrong nibble or scale moves an output by ~1e-2 relative).
+Tolerance, relative to the output's scale (sum_k |x_k * w_k|):
+- fp32 paths (CPUs without native bf16): the layer computes exactly sum_k x_k * w_k, only in another order, so
+  the difference is fp32 rounding noise; we allow 1e-5, about 100x the noise seen.
+- bf16 paths (CPUs with native bf16, forced here by QWENKIT_BF16=1 so every path runs on any machine): activations
+  (and, for prefill, weights) are rounded to bf16, 8 significant bits, i.e. up to 2^-9 each; we allow 1e-2.
+- fbgemm (x86; int8 with one scale per row): activations are quantized to 8 bits per call, an error of up to half
+  a step of 1/255 of their range each; we allow 1e-2 as well.
+Both are far below a real error: one wrong nibble or scale moves an output by several percent of its scale.
 """
 
 import pytest
@@ -28,11 +32,34 @@ def weights(kind: str, group: int, seed: int = 0):
     return fmt
 
 
-def check_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:
+CPUS = {"fp32-cpu": ("0", "0"), "bf16-cpu": ("1", "0"), "x86-fbgemm": ("0", "1")}
+
+
+@pytest.fixture(params=list(CPUS), autouse=True)
+def cpu(request, monkeypatch):
+    bf16, fbgemm = CPUS[request.param]
+    if fbgemm == "1" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm engine in this PyTorch build")
+    monkeypatch.setenv("QWENKIT_BF16", bf16)
+    monkeypatch.setenv("QWENKIT_FBGEMM", fbgemm)
+    return request.param
+
+
+@pytest.fixture
+def bf16(cpu) -> bool:
+    return cpu == "bf16-cpu"
+
+
+@pytest.fixture
+def tolerance(cpu) -> float:
+    return 1e-5 if cpu == "fp32-cpu" else 1e-2
+
+
+def check_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None, tolerance: float = 1e-5) -> None:
     expected = x @ w.T + (bias if bias is not None else 0)
     scale = (x.abs() @ w.abs().T) + 1e-6
     rel = ((got - expected).abs() / scale).max().item()
-    assert rel < 1e-5, f"max error {rel:.2e} of the output scale"
+    assert rel < tolerance, f"max error {rel:.2e} of the output scale"
 
 
 FORMATS = [("int8", 32), ("int8", 16), ("int8+offset", 32), ("int4", 32), ("int4", 16)]
@@ -40,17 +67,31 @@ FORMATS = [("int8", 32), ("int8", 16), ("int8+offset", 32), ("int4", 32), ("int4
 
 @pytest.mark.parametrize("kind,group", FORMATS)
 @pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS, 37])  # matrix-vector kernel, its largest batch, prefill path
-def test_quant_linear_matches_dequantized_reference(kind, group, rows):
+def test_quant_linear_matches_dequantized_reference(kind, group, rows, tolerance):
     fmt = weights(kind, group)
     bias = torch.randn(N)
     layer = QuantLinear(fmt, bias=bias)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         got = layer(x)
-    check_close(got, x, fmt.dequantize(), bias)
+    check_close(got, x, fmt.dequantize(), bias, tolerance)
 
 
-@pytest.mark.parametrize("kind,group", FORMATS)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_per_row_int8_and_tinygemm_int4_kernels(rows, cpu, bf16, tolerance):
+    """The layouts the fused bf16 kernels use: int8 with one scale per row, int4 in rows of 64."""
+    w = torch.randn(128, K, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(4))
+    for fmt in (quantize_int8(w, None), quantize_int4(w, 32)):
+        layer = QuantLinear(fmt)
+        assert layer.fused_kernel == bf16
+        assert (layer.packed is not None) == (cpu == "x86-fbgemm" and isinstance(fmt, Int8Grouped))
+        with torch.no_grad():
+            check_close(layer(x), x, fmt.dequantize(), None, tolerance)
+        assert torch.equal(layer.dequantize(), fmt.dequantize())  # the kernel layout keeps the values
+
+
+@pytest.mark.parametrize("kind,group", FORMATS + [("int8", None)])  # None: one scale per row (fbgemm on x86)
 def test_embedding_rows_are_the_dequantized_rows(kind, group):
     fmt = weights(kind, group)
     ids = torch.tensor([[0, 5, 95], [3, 3, 1]])
@@ -58,7 +99,7 @@ def test_embedding_rows_are_the_dequantized_rows(kind, group):
     assert torch.equal(rows, fmt.dequantize()[ids])
 
 
-def test_fused_projection_equals_the_separate_ones():
+def test_fused_projection_equals_the_separate_ones(tolerance):
     """q/k/v of mixed formats (as a Q4_K_M file mixes Q5_0, Q6_K and Q4_K) fused into one layer."""
     parts = [weights("int8", 32, 1), weights("int4", 32, 2), weights("int8+offset", 16, 3)]
     fused = QuantLinear(concat_rows(parts))
@@ -66,8 +107,8 @@ def test_fused_projection_equals_the_separate_ones():
     with torch.no_grad():
         got = fused(x)
         expected = torch.cat([QuantLinear(p)(x) for p in parts], dim=-1)
-    check_close(got, x, torch.cat([p.dequantize() for p in parts]))
-    assert torch.allclose(got, expected, rtol=0, atol=1e-4)
+    check_close(got, x, torch.cat([p.dequantize() for p in parts]), None, tolerance)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4 if tolerance < 1e-4 else 0.05)
 
 
 def test_int4_fusion_stays_int4():

@@ -1,0 +1,53 @@
+"""What this CPU can do fast, read once from /proc/cpuinfo.
+
+- PyTorch's int8 and int4 weight kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are vectorised
+  only for bf16 activations, and bf16 products are fast only with bf16 instructions (AVX512-BF16, AMX): we use
+  them there, and do prefill matrix products in bf16.
+- fbgemm (x86): int8 weights with one scale per row, activations quantized on the fly per call (VNNI where
+  present); the int8 decode kernel on x86 CPUs without native bf16.
+- Elsewhere our compiled fp32 kernels run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """True where bf16 arithmetic is native. QWENKIT_BF16=0/1 overrides (to test either path on one machine)."""
+    forced = os.environ.get("QWENKIT_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def has_fbgemm() -> bool:
+    """True where PyTorch's x86 int8 engine is built in. QWENKIT_FBGEMM=0 turns it off (to test the fallback)."""
+    if os.environ.get("QWENKIT_FBGEMM") == "0":
+        return False
+    import torch
+
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def vnni() -> bool:
+    """Without VNNI, fbgemm's 8-bit products can saturate unless activations use 7 bits (reduce_range)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def per_row_int8() -> bool:
+    """Whether int8 weights are kept with one scale per row, the layout the fused int8 kernels take."""
+    return native_bf16() or has_fbgemm()
