@@ -4,7 +4,7 @@
   only for bf16 activations, and bf16 products are fast only with bf16 instructions (AVX512-BF16, AMX): we use
   them there, and do prefill matrix products in bf16.
 - fbgemm (x86): int8 weights with one scale per row, activations quantized on the fly per call (VNNI where
-  present); the int8 decode kernel on x86 CPUs without native bf16.
+  present): the int8 decode kernel on x86, the fastest measured here even where bf16 is native.
 - Elsewhere our compiled fp32 kernels run.
 """
 

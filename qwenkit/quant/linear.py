@@ -2,8 +2,9 @@
 
 Which kernel runs depends on the format and the CPU (see qwenkit.quant.cpu):
 - decode (a few activation rows):
-  - int8 with one scale per row: on CPUs with native bf16, PyTorch's `_weight_int8pack_mm`; on other x86 CPUs,
-    fbgemm's dynamic int8 linear (it needs its own packed copy of the weight);
+  - int8 with one scale per row: on x86, fbgemm's dynamic int8 linear, with its own packed copy of the weight
+    (measured here: 42-52 ms per decode step of the default model against 57-75 ms with the next choice, for
+    ~0.5 GB more memory); elsewhere with native bf16, PyTorch's `_weight_int8pack_mm`;
   - int4 in rows of 64 with groups of 32-256, on CPUs with native bf16: PyTorch's tinygemm kernel;
   - everything else: our compiled grouped kernels, in fp32.
 - prefill (many rows): the weight is dequantized once per call, a few MB per layer, and multiplied with the regular
@@ -35,8 +36,8 @@ class QuantLinear(nn.Module):
         if isinstance(weight, Int8Grouped):
             self.kind, data = "int8", weight.q
             per_row = weight.group == k and weight.offset is None
-            self.fused_kernel = self.bf16 and per_row
-            if per_row and not self.bf16 and has_fbgemm():
+            self.fused_kernel = self.bf16 and per_row and not has_fbgemm()
+            if per_row and has_fbgemm():
                 self.packed = _fbgemm_pack(weight)
         else:
             self.kind = "int4"

@@ -32,7 +32,7 @@ def weights(kind: str, group: int, seed: int = 0):
     return fmt
 
 
-CPUS = {"fp32-cpu": ("0", "0"), "bf16-cpu": ("1", "0"), "x86-fbgemm": ("0", "1")}
+CPUS = {"fp32-cpu": ("0", "0"), "bf16-cpu": ("1", "0"), "x86-fbgemm": ("0", "1"), "bf16-x86-fbgemm": ("1", "1")}
 
 
 @pytest.fixture(params=list(CPUS), autouse=True)
@@ -47,7 +47,7 @@ def cpu(request, monkeypatch):
 
 @pytest.fixture
 def bf16(cpu) -> bool:
-    return cpu == "bf16-cpu"
+    return cpu.startswith("bf16")
 
 
 @pytest.fixture
@@ -84,8 +84,9 @@ def test_per_row_int8_and_tinygemm_int4_kernels(rows, cpu, bf16, tolerance):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(4))
     for fmt in (quantize_int8(w, None), quantize_int4(w, 32)):
         layer = QuantLinear(fmt)
-        assert layer.fused_kernel == bf16
-        assert (layer.packed is not None) == (cpu == "x86-fbgemm" and isinstance(fmt, Int8Grouped))
+        fbgemm = cpu.endswith("fbgemm") and isinstance(fmt, Int8Grouped)  # int8 decode prefers fbgemm on x86
+        assert layer.fused_kernel == (bf16 and not fbgemm)
+        assert (layer.packed is not None) == fbgemm
         with torch.no_grad():
             check_close(layer(x), x, fmt.dequantize(), None, tolerance)
         assert torch.equal(layer.dequantize(), fmt.dequantize())  # the kernel layout keeps the values
