@@ -69,6 +69,7 @@ def test_greedy_answer_matches_transformers(ours, reference_answers, key):
         assert got.finish_reason == "stop"
     n = min(len(got.tokens), len(expected))
     agree = next((i for i in range(n) if got.tokens[i] != expected[i]), n)
+    print(f"{key}: first {agree} of {len(expected)} reference tokens agree ({got.finish_reason})")
     assert agree >= min(MUST_AGREE, len(expected)), (
         f"first {agree} tokens agree; ours {ours.tokenizer.decode(got.tokens)!r}, "
         f"transformers {ours.tokenizer.decode(expected)!r}"
