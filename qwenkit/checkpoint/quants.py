@@ -369,6 +369,18 @@ def _deq_float(raw: np.ndarray, qtype: GGMLType, out: np.ndarray) -> None:
         np.left_shift(bits[a:b], np.uint32(16), out=bits[a:b])
 
 
+def checked_type(qtype: GGMLType | int, allowed: frozenset, reason: str) -> GGMLType:
+    """`qtype` as a GGMLType if it is in `allowed`; else UnsupportedModel saying `reason` ({names}: the allowed)."""
+    try:
+        qtype = GGMLType(qtype)
+    except ValueError:
+        raise UnsupportedModel(f"unknown ggml tensor type id {int(qtype)}") from None
+    if qtype not in allowed:
+        names = ", ".join(t.name for t in sorted(allowed))
+        raise UnsupportedModel(f"ggml tensor type {qtype.name} {reason.format(names=names)}")
+    return qtype
+
+
 def dequantize(raw: np.ndarray, qtype: GGMLType | int, n_elements: int, out: np.ndarray | None = None) -> np.ndarray:
     """Decode ``n_elements`` values of ggml type ``qtype`` from the bytes ``raw`` into float32.
 
@@ -377,13 +389,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLType | int, n_elements: int, out: np.
     ``n_elements``, any shape) the values are written into it and ``out`` is returned. Equal bit for bit to
     ``gguf.quants.dequantize``. Raises UnsupportedModel for a type it cannot decode.
     """
-    try:
-        qtype = GGMLType(qtype)
-    except ValueError:
-        raise UnsupportedModel(f"unknown ggml tensor type id {int(qtype)}") from None
-    if qtype not in DEQUANTIZABLE:
-        raise UnsupportedModel(f"ggml tensor type {qtype.name} is not supported (qwenkit reads "
-                               f"{', '.join(t.name for t in sorted(DEQUANTIZABLE))})")
+    qtype = checked_type(qtype, DEQUANTIZABLE, "is not supported (qwenkit reads {names})")
     n_elements = int(n_elements)
     nbytes = tensor_nbytes(qtype, n_elements)
     raw = np.asarray(raw)

@@ -36,9 +36,9 @@ import torch
 from qwenkit.checkpoint import quants
 from qwenkit.checkpoint.quants import (
     _REC_Q2_K, _REC_Q3_K, _REC_Q4_0, _REC_Q4_1, _REC_Q4_K, _REC_Q5_0, _REC_Q5_1, _REC_Q5_K, _REC_Q6_K, _REC_Q8_0,
-    QUANT_SIZES, GGMLType, _bit_planes, _crumbs, _half, _k_d_dm, _nibbles, _q5_values,
+    QUANT_SIZES, GGMLType, _bit_planes, _crumbs, _half, _k_d_dm, _nibbles, _q5_values, checked_type,
 )
-from qwenkit.errors import BadCheckpoint, UnsupportedModel
+from qwenkit.errors import BadCheckpoint
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 
 __all__ = ["convert", "CONVERTIBLE", "target_format"]
@@ -166,14 +166,7 @@ CONVERTIBLE: frozenset[GGMLType] = frozenset(_CONVERTERS)
 
 
 def _qtype(qtype: GGMLType | int) -> GGMLType:
-    try:
-        qtype = GGMLType(qtype)
-    except ValueError:
-        raise UnsupportedModel(f"unknown ggml tensor type id {int(qtype)}") from None
-    if qtype not in _CONVERTERS:
-        raise UnsupportedModel(f"ggml tensor type {qtype.name} cannot be converted to a grouped int8/int4 format "
-                               f"(convertible: {', '.join(t.name for t in sorted(CONVERTIBLE))})")
-    return qtype
+    return checked_type(qtype, CONVERTIBLE, "cannot be converted to a grouped int8/int4 format (convertible: {names})")
 
 
 def target_format(qtype: GGMLType | int) -> tuple[type, int]:
