@@ -144,9 +144,5 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.table = table
 
-    @property
-    def weight(self) -> torch.Tensor:  # for code that reads the dtype
-        return self.table.scale
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table.rows(ids)
