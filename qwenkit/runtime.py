@@ -5,7 +5,6 @@ Both return one aggregated Response, or with stream=True an iterator of Response
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
 
-log = logging.getLogger("qwenkit")
 
 
 class Model:

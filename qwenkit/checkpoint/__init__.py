@@ -3,8 +3,8 @@ load its weights into a model. Opening is cheap (headers and JSON only); `load_m
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,6 @@ from qwenkit.checkpoint.loader import checkpoint_kind, load_gguf, load_hf
 from qwenkit.errors import BadCheckpoint
 from qwenkit.model.config import ModelConfig
 
-log = logging.getLogger("qwenkit.checkpoint")
 
 # Qwen's recommended sampling (DESIGN.md section 2) where a checkpoint carries no generation_config.json.
 QWEN_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20)
@@ -47,8 +46,11 @@ class Checkpoint:
             return Tokenizer.from_gguf_metadata(self._gguf.metadata, str(self.path))
         return Tokenizer.from_hf_dir(self.path)
 
+    @functools.cached_property
     def generation_config(self) -> dict[str, Any]:
-        """generation_config.json of a folder ({} when absent or for GGUF files, which carry none)."""
+        """generation_config.json of a folder ({} when absent or for GGUF files, which carry none).
+
+        Read once: sampling defaults are asked for on every request."""
         if self.kind != "hf":
             return {}
         path = self.path / "generation_config.json"
@@ -61,7 +63,7 @@ class Checkpoint:
         return raw if isinstance(raw, dict) else {}
 
     def sampling_defaults(self, thinking: bool = False) -> dict[str, Any]:
-        gen = self.generation_config()
+        gen = self.generation_config
         if gen.get("do_sample") is False:
             return {"temperature": 0.0}
         defaults = dict(QWEN3_THINKING_DEFAULTS if thinking else QWEN_DEFAULTS)
@@ -72,7 +74,7 @@ class Checkpoint:
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         ids = list(self.config.eos_token_ids)
-        eos = self.generation_config().get("eos_token_id")
+        eos = self.generation_config.get("eos_token_id")
         ids += [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)

@@ -7,7 +7,6 @@ Every parameter must be filled exactly once with the right shape; anything else 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ from qwenkit.errors import BadCheckpoint
 from qwenkit.model.config import ModelConfig
 from qwenkit.model.qwen import QwenForCausalLM
 
-log = logging.getLogger("qwenkit.checkpoint")
 
 GGUF_MAGIC = b"GGUF"
 
