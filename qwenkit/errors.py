@@ -41,3 +41,15 @@ class BadRequest(QwenkitError):
 
 class TemplateError(BadRequest):
     """The chat template raised (raise_exception in the template) or could not render the conversation."""
+
+
+class Overloaded(QwenkitError):
+    """The engine's queue is full: the caller should retry later (HTTP 429 with Retry-After)."""
+
+
+class RequestTimeout(QwenkitError):
+    """A request ran past its deadline and was stopped; its KV cache blocks are already freed."""
+
+
+class EngineStopped(QwenkitError):
+    """The engine is shutting down (SIGTERM) and takes no new requests (HTTP 503)."""

@@ -12,6 +12,8 @@ from qwenkit.model.config import ModelConfig
 
 
 class KVCache:
+    paged = False  # see qwenkit.engine.paged.PagedBatch for the serving engine's cache
+
     def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device="cpu"):
         self.config, self.batch, self.dtype, self.device = config, batch, dtype, torch.device(device)
         self.length = 0

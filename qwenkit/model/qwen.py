@@ -13,6 +13,7 @@ from torch import nn
 
 from qwenkit.model.config import ModelConfig
 from qwenkit.model.moe import SparseMoE
+from qwenkit.engine.paged import decode_attention
 from qwenkit.model.rope import Rotary, apply_rotary
 
 
@@ -79,27 +80,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
+        if cache is not None and cache.paged:  # the serving engine: many sequences in one flat batch
+            return self.o_proj(cache.attend(self.layer, self.window, q, k, v))
         if cache is not None:
             k, v = cache.write(self.layer, start, k, v)
         mask = masks.get(self.window)
         if t == 1 and mask is None:
-            out = _decode_attention(q, k, v)
+            out = decode_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=False, enable_gqa=self.n_kv != self.n_heads
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token over the cache, as two small matmuls: for a single query, SDPA's flash kernel
-    costs more in set-up than the work itself. q [B, H, 1, D]; k, v [B, KV, L, D] (grouped-query heads)."""
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    qg = q.view(b, kv, h // kv, d)  # the query heads that share each key/value head
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # [B, KV, G, L]
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # [B, KV, G, D]
-    return out.view(b, h, 1, d)
 
 
 class DecoderLayer(nn.Module):
@@ -167,24 +159,33 @@ class QwenForCausalLM(nn.Module):
             return F.linear(x, self.model.embed_tokens.weight)
         return self.lm_head(x)
 
-    def forward(self, input_ids: torch.Tensor, cache=None, logits: str = "all") -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last") or final hidden states ("none").
+    def forward(self, input_ids: torch.Tensor, cache=None, logits: str | torch.Tensor = "all") -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last"), [B, R, V] (a tensor of R row indices)
+        or final hidden states ("none").
 
-        With a cache, the tokens continue the cached sequence (positions start at cache.length) and the cache grows.
+        With a KVCache, the tokens continue the cached sequence (positions start at cache.length) and the cache
+        grows. With a PagedBatch (qwenkit.engine.paged), B is 1 and the T tokens belong to several sequences whose
+        positions and attention the batch describes.
         """
         b, t = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None:
+        paged = cache is not None and cache.paged
+        start = cache.length if cache is not None and not paged else 0
+        if cache is not None and not paged:
             cache.reserve(start + t)
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        if paged:
+            positions, masks = cache.positions[None], {}
+        else:
+            positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+            masks = attention_masks(self.windows, start, t, input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)
-        masks = attention_masks(self.windows, start, t, input_ids.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks, cache, start)
-        if cache is not None:
+        if cache is not None and not paged:
             cache.length = start + t
-        if logits == "last":
+        if isinstance(logits, torch.Tensor):
+            x = x[:, logits]
+        elif logits == "last":
             x = x[:, -1]
         elif logits == "none":
             return self.model.norm(x)

@@ -1,0 +1,241 @@
+"""Continuous batching: which tokens of which requests the next forward pass computes.
+
+Every step:
+1. requests that were aborted (client gone) or ran past their deadline leave and free their blocks;
+2. waiting requests join while the batch has room and the pool has blocks for their prompt (prefix-cache hits
+   first: blocks another request already computed are shared, not recomputed);
+3. one forward pass runs the next token of every decoding request plus prompt chunks of joining ones, up to
+   `prefill_chunk` prompt tokens, so a long prompt is spread over several steps and never stalls the others long;
+4. each request whose pass produced a next-token distribution samples, streams its Response, and leaves when done.
+When decoding needs a block and none is left, the youngest request is preempted: its blocks are freed and it waits
+at the head of the queue to recompute its context later (its sampler and text state are kept, so no output is lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from qwenkit.engine.output import OutputProcessor
+from qwenkit.engine.paged import BlockPool, PagedBatch, block_hash
+from qwenkit.engine.sampling import Sampler
+from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
+
+log = logging.getLogger("qwenkit.engine")
+
+KV_CACHE_BYTES = 1 << 30  # default pool size when kv_blocks is not given
+
+
+class Sequence:
+    """One request inside the engine: its tokens, its blocks and its sampling / output state."""
+
+    def __init__(self, stream, vocab_size: int, tokenizer, max_model_len: int):
+        req = stream.request
+        self.stream = stream
+        self.tokens = list(req.prompt_ids)
+        self.prompt_len = len(req.prompt_ids)
+        self.limit = min(self.prompt_len + req.max_new_tokens, max_model_len)  # total tokens it may reach
+        self.computed = 0  # leading tokens whose keys and values are in the pool
+        self.blocks: list[int] = []
+        self.hashes: list[bytes] = []  # prefix-cache identity of each full block, in order
+        self.sampler = Sampler(req.params, vocab_size, req.prompt_ids, req.constraint)
+        self.output = OutputProcessor(tokenizer, self.prompt_len, req.params.stop, req.stop_ids, req.parser)
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model before the next sample (1 while decoding)."""
+        return len(self.tokens) - self.computed
+
+
+class Scheduler:
+    def __init__(
+        self, model, tokenizer, *, max_batch: int, max_model_len: int, block_size: int, kv_blocks: int | None,
+        prefill_chunk: int,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk
+        self.block_size = block_size
+        if kv_blocks is None:
+            per_token = BlockPool.bytes_per_token(model.config, model.dtype)
+            tokens = min(max_batch * max_model_len, max(KV_CACHE_BYTES // per_token, max_model_len))
+            kv_blocks = -(-tokens // block_size)
+        self.pool = BlockPool(model.config, kv_blocks, block_size, model.dtype)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
+    def add(self, stream) -> None:
+        prompt = len(stream.request.prompt_ids)
+        if prompt + 1 > self.max_model_len:
+            stream.put(ContextTooLong(f"prompt is {prompt} tokens; this server's limit is {self.max_model_len}"))
+            return
+        if -(-(prompt + 1) // self.block_size) > self.pool.num_blocks:
+            stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {self.pool.num_blocks * self.block_size}"))
+            return
+        self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len))
+
+    def waiting_count(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def stats(self, extra_waiting: int = 0):
+        from qwenkit.engine.engine import EngineStats
+
+        return EngineStats(
+            running=len(self.running), waiting=len(self.waiting) + extra_waiting, kv_blocks_used=self.pool.used,
+            kv_blocks_total=self.pool.num_blocks, prefix_cache_queries=self.pool.queries,
+            prefix_cache_hits=self.pool.hits, preemptions=self.preemptions,
+        )
+
+    def fail_all(self, error: QwenkitError) -> None:
+        for seq in list(self.running) + list(self.waiting):
+            self._drop(seq)
+            seq.stream.put(error)
+
+    def _drop(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.hashes, seq.computed = [], [], 0
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        self._reap()
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return
+        try:
+            self._run(plan)
+        except Exception as e:  # a bug must not take the server down: fail the requests in this batch
+            log.exception("engine step failed")
+            for seq, _, _ in plan:
+                self._drop(seq)
+                seq.stream.put(QwenkitError(f"internal engine error: {type(e).__name__}: {e}"))
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for seq in list(self.running) + list(self.waiting):
+            if seq.stream.aborted:
+                self._drop(seq)
+            elif seq.stream.deadline is not None and now > seq.stream.deadline:
+                self._drop(seq)
+                timeout = seq.stream.request.timeout
+                seq.stream.put(RequestTimeout(f"request ran past its {timeout:g} s timeout"))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            # The last token is always computed anew: its logits are what the next sample needs.
+            blocks, hashes = self.pool.match_prefix(seq.tokens, len(seq.tokens) - 1)
+            needed = -(-len(seq.tokens) // self.block_size) - len(blocks)
+            if needed > self.pool.available - self._decode_reserve():
+                self.pool.release(blocks)
+                break
+            seq.blocks = blocks + [self.pool.allocate() for _ in range(needed)]
+            seq.hashes = hashes
+            seq.computed = len(blocks) * self.block_size
+            self.running.append(self.waiting.popleft())
+
+    def _decode_reserve(self) -> int:
+        """Blocks the running decoders will need within the next block_size steps (kept free when admitting)."""
+        return sum(1 for s in self.running if s.pending == 1 and s.computed % self.block_size == 0)
+
+    def _plan(self) -> list[tuple[Sequence, int, int]]:
+        """(sequence, first token, end token) to compute this step."""
+        plan: list[tuple[Sequence, int, int]] = []
+        for seq in list(self.running):
+            if seq.pending == 1 and seq in self.running and self._ensure_block(seq):
+                plan.append((seq, seq.computed, seq.computed + 1))
+        budget = self.prefill_chunk
+        for seq in self.running:
+            if seq.pending > 1 and budget > 0:
+                end = min(len(seq.tokens), seq.computed + budget)
+                plan.append((seq, seq.computed, end))
+                budget -= end - seq.computed
+        return plan
+
+    def _ensure_block(self, seq: Sequence) -> bool:
+        """Room for one more token; may preempt younger requests. False if `seq` itself had to wait."""
+        if seq.computed < len(seq.blocks) * self.block_size:
+            return True
+        while self.pool.available == 0:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.blocks.append(self.pool.allocate())
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("preempting request %d: KV cache full", seq.stream.id)
+        self.preemptions += 1
+        self._drop(seq)
+        self.waiting.appendleft(seq)
+
+    def _run(self, plan: list[tuple[Sequence, int, int]]) -> None:
+        bs = self.block_size
+        segments, positions, ids, sample_rows, samplers = [], [], [], [], []
+        row = 0
+        for seq, first, end in plan:
+            table = torch.tensor(seq.blocks, dtype=torch.long)
+            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
+            segments.append((row, end - first, slots))
+            positions.append(torch.arange(first, end))
+            ids.extend(seq.tokens[first:end])
+            row += end - first
+            if end == len(seq.tokens):
+                sample_rows.append(row - 1)
+                samplers.append(seq)
+        batch = PagedBatch(self.pool, segments, torch.cat(positions))
+        logits = self.model(torch.tensor([ids]), cache=batch, logits=torch.tensor(sample_rows, dtype=torch.long))[0]
+        for seq, first, end in plan:
+            seq.computed = end
+            self._register_full_blocks(seq)
+        now = time.monotonic()
+        for seq, row_logits in zip(samplers, logits):
+            self._sample(seq, row_logits, now)
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        bs = self.block_size
+        while (len(seq.hashes) + 1) * bs <= seq.computed:
+            i = len(seq.hashes)
+            h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs : (i + 1) * bs])
+            self.pool.register(seq.blocks[i], h)
+            seq.hashes.append(h)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+        token, logprob = seq.sampler(logits)
+        if not seq.first_token_at:
+            seq.first_token_at = now
+        seq.last_token_at = now
+        seq.tokens.append(token)
+        step = seq.output.push(token, logprob)
+        if step is not None:
+            seq.stream.put(step)
+        if seq.output.stopped or len(seq.tokens) >= seq.limit:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        from qwenkit.engine.engine import _DONE
+
+        last = seq.output.finish()
+        submitted = seq.stream.submitted
+        last.time_to_first_token = seq.first_token_at - submitted
+        if seq.output.count > 1:
+            last.generation_tps = (seq.output.count - 1) / max(seq.last_token_at - seq.first_token_at, 1e-9)
+        last.prompt_tps = seq.prompt_len / max(seq.first_token_at - submitted, 1e-9)
+        self._drop(seq)
+        seq.stream.put(last)
+        seq.stream.put(_DONE)

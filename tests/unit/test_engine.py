@@ -1,0 +1,157 @@
+"""The batching engine (qwenkit.engine.engine) on tiny random models of every architecture.
+
+What is checked: requests batched together, joining mid-flight, prefilled in chunks over several steps, sharing
+prefix-cached blocks, or preempted when the block pool runs out, produce exactly the tokens each one produces
+alone through the single-request loop; aborts and timeouts free every block; a full queue refuses; shutdown drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qwenkit.engine.engine import Engine, GenerationRequest
+from qwenkit.engine.generate import stream_responses
+from qwenkit.engine.sampling import SamplingParams
+from qwenkit.errors import EngineStopped, Overloaded, RequestTimeout
+from tests.tiny_checkpoint import tiny_model
+
+ARCHITECTURES = ["qwen2", "qwen2-tied-sliding", "qwen3-headdim", "qwen2_moe-shared", "qwen3_moe"]
+PROMPTS = [
+    "Hello, world! The quick brown fox",
+    "A",
+    "The quick brown fox jumps over the lazy dog again and again, and then once more for luck.",
+    "Hello, world! The quick brown fox jumps",  # shares a prefix with the first
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "Hello, world!",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return tiny_model.tokenizer
+
+
+def alone(model, tok, prompt_ids, max_new, params=None) -> list[int]:
+    """The single-request loop over a contiguous KV cache: the reference."""
+    out = []
+    for step in stream_responses(model, tok, prompt_ids, params or SamplingParams(temperature=0), max_new, set()):
+        out += step.tokens
+    return out
+
+
+def run_all(engine, requests) -> list[list[int]]:
+    streams = [engine.submit(r) for r in requests]
+    results = []
+    for s in streams:
+        results.append([t for step in s for t in step.tokens])
+    return results
+
+
+def greedy(ids, max_new=12, **kw) -> GenerationRequest:
+    return GenerationRequest(ids, SamplingParams(temperature=0, **kw), max_new_tokens=max_new)
+
+
+def wait_idle(engine, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not engine.idle and time.monotonic() < end:
+        time.sleep(0.01)
+    assert engine.idle
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_chunked_prefix_cached_equals_alone(arch, tok):
+    model = tiny_model(arch)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    expected = [alone(model, tok, p, 12) for p in prompts]
+    # Small blocks and chunks, and fewer batch slots than requests: prompts span blocks and steps, requests queue,
+    # join while others decode, and the shared prefix is served from the cache.
+    with Engine(model, tok, max_batch=4, block_size=4, prefill_chunk=8) as engine:
+        assert run_all(engine, [greedy(p) for p in prompts]) == expected
+        assert engine.stats().prefix_cache_hits > 0
+        assert run_all(engine, [greedy(p) for p in prompts]) == expected  # now mostly from the prefix cache
+        wait_idle(engine)
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_preemption_when_the_pool_runs_out_loses_nothing(tok):
+    model = tiny_model("qwen2")
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    expected = [alone(model, tok, p, 40) for p in prompts]
+    # 24 blocks of 4 tokens: not enough for four sequences of ~60 tokens at once, so some are preempted and recomputed.
+    with Engine(model, tok, max_batch=4, block_size=4, kv_blocks=24, prefill_chunk=8) as engine:
+        assert run_all(engine, [greedy(p, 40) for p in prompts]) == expected
+        assert engine.stats().preemptions > 0
+        wait_idle(engine)
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_seeded_sampling_is_the_same_batched(tok):
+    model = tiny_model("qwen3-headdim")
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    params = dict(temperature=0.9, top_p=0.9, seed=7)
+    expected = [alone(model, tok, p, 10, SamplingParams(**params)) for p in prompts]
+    with Engine(model, tok, max_batch=8, block_size=4) as engine:
+        got = run_all(engine, [GenerationRequest(p, SamplingParams(**params), 10) for p in prompts])
+        assert got == expected
+
+
+def test_abort_and_timeout_free_every_block(tok):
+    model = tiny_model("qwen2")
+    with Engine(model, tok, max_batch=4, block_size=4) as engine:
+        streams = [engine.submit(greedy(tok.encode(p), 200)) for p in PROMPTS[:4]]
+        for s in streams:
+            next(iter(s))
+            s.abort()
+        slow = engine.submit(GenerationRequest(tok.encode(PROMPTS[2]), SamplingParams(temperature=0), 200,
+                                               timeout=1e-4))
+        with pytest.raises(RequestTimeout):
+            list(slow)
+        wait_idle(engine)
+        assert engine.stats().kv_blocks_used == 0
+        assert run_all(engine, [greedy(tok.encode(PROMPTS[0]))]) == [alone(model, tok, tok.encode(PROMPTS[0]), 12)]
+
+
+def test_async_iteration_and_early_exit_aborts(tok):
+    model = tiny_model("qwen2")
+
+    async def main(engine):
+        full = engine.submit(greedy(tok.encode(PROMPTS[0])))
+        tokens = [t async for step in full for t in step.tokens]
+        partial = engine.submit(greedy(tok.encode(PROMPTS[2]), 500))
+        async for _ in partial:
+            break  # the consumer goes away, as a disconnected client's handler does
+        return tokens
+
+    with Engine(model, tok, max_batch=4, block_size=4) as engine:
+        assert asyncio.run(main(engine)) == alone(model, tok, tok.encode(PROMPTS[0]), 12)
+        wait_idle(engine)
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_full_queue_refuses_and_shutdown_drains(tok):
+    model = tiny_model("qwen2")
+    engine = Engine(model, tok, max_batch=1, max_queue=2, block_size=4)
+    first = engine.submit(greedy(tok.encode(PROMPTS[0])))
+    engine.submit(greedy(tok.encode(PROMPTS[1])))
+    with pytest.raises(Overloaded):
+        engine.submit(greedy(tok.encode(PROMPTS[2])))
+    engine.start()
+    engine.shutdown(drain=True, timeout=30)
+    assert [t for step in first for t in step.tokens] == alone(model, tok, tok.encode(PROMPTS[0]), 12)
+    with pytest.raises(EngineStopped):
+        engine.submit(greedy(tok.encode(PROMPTS[0])))
+
+
+def test_prompt_longer_than_the_limit_is_refused(tok):
+    from qwenkit.errors import ContextTooLong
+
+    model = tiny_model("qwen2")
+    with Engine(model, tok, max_model_len=16, block_size=4) as engine:
+        with pytest.raises(ContextTooLong):
+            list(engine.submit(greedy(list(range(20)))))
+
+
