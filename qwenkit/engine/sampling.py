@@ -102,8 +102,9 @@ class TokenLogprob:
 class Sampler:
     """Per-request sampling state: the seeded generator and the counts the penalties need."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]):
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int], constraint=None):
         self.params = params
+        self.constraint = constraint  # qwenkit.engine.grammar.Constraint: masks tokens the grammar forbids
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
@@ -127,6 +128,8 @@ class Sampler:
         p = self.params
         raw = logits.float()
         x = self.penalise(raw.clone())
+        if self.constraint is not None:
+            self.constraint.mask(x)
         if p.greedy:
             token = int(torch.argmax(x))
         else:
@@ -145,6 +148,8 @@ class Sampler:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.output_counts[token] += 1
         self.seen[token] = True
+        if self.constraint is not None:
+            self.constraint.accept(token)
         return token, self._logprob(raw, token) if p.logprobs else None
 
     def _logprob(self, raw: torch.Tensor, token: int) -> TokenLogprob:
