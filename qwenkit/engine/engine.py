@@ -120,9 +120,12 @@ class Engine:
         max_model_len: int | None = None,
         block_size: int = 16,
         kv_blocks: int | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int | None = None,
     ):
         from qwenkit.engine.scheduler import Scheduler
+        from qwenkit.quant.linear import FUSED_MAX_ROWS
+
+        prefill_chunk = prefill_chunk or FUSED_MAX_ROWS  # rows per step (decode + prompt), see Scheduler._plan
 
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue

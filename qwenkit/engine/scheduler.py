@@ -5,7 +5,7 @@ Every step:
 2. waiting requests join while the batch has room and the pool has blocks for their prompt (prefix-cache hits
    first: blocks another request already computed are shared, not recomputed);
 3. one forward pass runs the next token of every decoding request plus prompt chunks of joining ones, up to
-   `prefill_chunk` prompt tokens, so a long prompt is spread over several steps and never stalls the others long;
+   `prefill_chunk` rows in all, so a long prompt is spread over several steps and never stalls the others long;
 4. each request whose pass produced a next-token distribution samples, streams its Response, and leaves when done.
 When decoding needs a block and none is left, the youngest request is preempted: its blocks are freed and it waits
 at the head of the queue to recompute its context later (its sampler and text state are kept, so no output is lost).
@@ -27,6 +27,7 @@ from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
 log = logging.getLogger("qwenkit.engine")
 
 KV_CACHE_BYTES = 1 << 30  # default pool size when kv_blocks is not given
+MIN_PREFILL_ROWS = 16
 
 
 class Sequence:
@@ -158,7 +159,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.pending == 1 and seq in self.running and self._ensure_block(seq):
                 plan.append((seq, seq.computed, seq.computed + 1))
-        budget = self.prefill_chunk
+        # Decode rows and prompt rows share one forward pass of at most prefill_chunk rows (FUSED_MAX_ROWS by
+        # default: up to there the quantized kernels compute every row alone, so batching changes no result); a
+        # joining prompt always gets some rows, so it cannot starve behind a full batch of decoders.
+        budget = max(self.prefill_chunk - len(plan), min(MIN_PREFILL_ROWS, self.prefill_chunk))
         for seq in self.running:
             if seq.pending > 1 and budget > 0:
                 end = min(len(seq.tokens), seq.computed + budget)
