@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,32 @@ from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
 
+
+@dataclass
+class Prepared:
+    """A prompt ready to generate from: what both the in-process API and the server's engine requests need."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # the budget: max_tokens, or what is left of the context
+    stop_ids: set[int]
+    chat: bool  # output is split into reasoning / content / tool calls (a StreamParser per sequence)
+    thinking: bool  # a Qwen3 model that will reason first (thinking on, or a template that opened <think>)
+    in_reasoning: bool  # the prompt ends inside an opened <think> block
+    tokenizer: Any = field(repr=False, default=None)
+
+    def new_parser(self, seed: int | None = None):
+        """A fresh text.stream.StreamParser for one generated sequence (None for raw completions).
+
+        seed: tool-call ids are drawn from it (defaults to the sampling seed, so a seeded request repeats exactly).
+        """
+        if not self.chat:
+            return None
+        from qwenkit.text.stream import StreamParser
+
+        return StreamParser(
+            self.tokenizer, in_reasoning=self.in_reasoning, seed=self.params.seed if seed is None else seed
+        )
 
 
 class Model:
@@ -65,19 +92,57 @@ class Model:
             )
         return min(params.max_tokens or room, room)
 
-    # ---- generation ------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling) -> Response | Iterator[Response]:
-        """Continue raw text (or token ids) with no chat template."""
+    def _prepared(self, prompt_ids: list[int], params: SamplingParams, *, chat: bool, thinking: bool = False,
+                  in_reasoning: bool = False) -> Prepared:
+        return Prepared(
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new_tokens=self._budget(prompt_ids, params),
+            stop_ids=self.stop_token_ids | set(params.stop_token_ids),
+            chat=chat,
+            thinking=thinking,
+            in_reasoning=in_reasoning,
+            tokenizer=self.tokenizer,
+        )
+
+    # ---- prompts, ready to generate (shared by generate/chat here and by the HTTP server) ----------------------
+    def prepare_generate(self, prompt: str | list[int], **sampling) -> Prepared:
+        """Token ids, sampling parameters and budget for raw text (or token ids) with no chat template."""
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+        elif isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size for t in prompt
+        ):
             prompt_ids = list(prompt)
         else:
             raise BadRequest("prompt must be a string or a list of token ids within the vocabulary")
         if not prompt_ids:
             raise BadRequest("prompt is empty")
-        params = self._params(False, sampling)
-        return self._run(prompt_ids, params, parser=None, stream=stream)
+        return self._prepared(prompt_ids, self._params(False, sampling), chat=False)
+
+    def prepare_chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        enable_thinking: bool | None = None,
+        **sampling,
+    ) -> Prepared:
+        """Token ids, sampling parameters (the model's thinking or non-thinking defaults under `sampling`), budget
+        and parsing state for a conversation."""
+        from qwenkit.text.stream import StreamParser
+
+        prompt_ids = self.tokenizer.encode(self.render(messages, tools=tools, enable_thinking=enable_thinking))
+        # Some templates (Qwen3 thinking releases) end the prompt inside an opened <think> block.
+        opened = StreamParser.prompt_in_reasoning(self.tokenizer, prompt_ids)
+        thinking = self.config.model_type.startswith("qwen3") and (opened or enable_thinking is not False)
+        params = self._params(thinking, sampling)
+        return self._prepared(prompt_ids, params, chat=True, thinking=thinking, in_reasoning=opened)
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling) -> Response | Iterator[Response]:
+        """Continue raw text (or token ids) with no chat template."""
+        return self._run(self.prepare_generate(prompt, **sampling), stream=stream)
 
     def chat(
         self,
@@ -89,20 +154,13 @@ class Model:
         **sampling,
     ) -> Response | Iterator[Response]:
         """Answer a conversation; reasoning, content and tool calls come back apart."""
-        from qwenkit.text.stream import StreamParser
+        prepared = self.prepare_chat(messages, tools=tools, enable_thinking=enable_thinking, **sampling)
+        return self._run(prepared, stream=stream)
 
-        prompt_ids = self.tokenizer.encode(self.render(messages, tools=tools, enable_thinking=enable_thinking))
-        # Some templates (Qwen3 thinking releases) end the prompt inside an opened <think> block.
-        opened = StreamParser.prompt_in_reasoning(self.tokenizer, prompt_ids)
-        thinking = self.config.model_type.startswith("qwen3") and (opened or enable_thinking is not False)
-        params = self._params(thinking, sampling)
-        parser = StreamParser(self.tokenizer, in_reasoning=opened, seed=params.seed)
-        return self._run(prompt_ids, params, parser=parser, stream=stream)
-
-    def _run(self, prompt_ids: list[int], params: SamplingParams, parser, stream: bool):
-        max_new = self._budget(prompt_ids, params)
-        stop_ids = self.stop_token_ids | set(params.stop_token_ids)
-        steps = stream_responses(self.model, self.tokenizer, prompt_ids, params, max_new, stop_ids, parser)
+    def _run(self, p: Prepared, stream: bool):
+        steps = stream_responses(
+            self.model, self.tokenizer, p.prompt_ids, p.params, p.max_new_tokens, p.stop_ids, p.new_parser()
+        )
         if stream:
             return steps
         total = Response()

@@ -63,6 +63,12 @@ def _byte_alphabet() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse table: printable character -> byte."""
+    return {c: b for b, c in _byte_alphabet().items()}
+
+
 def _token_content(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, {"content": ...} or null."""
     if value is None:
@@ -356,6 +362,19 @@ class Tokenizer:
             return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         except (OverflowError, TypeError, ValueError) as e:
             raise BadRequest(f"decode: token ids must be non-negative integers ({e})") from e
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a byte-level BPE token may hold part of a UTF-8 character, which
+        decode() would turn into U+FFFD); b"" for an id the tokenizer does not know."""
+        token = self._tok.id_to_token(int(token_id))
+        if token is None:
+            return b""
+        if token_id in self.added_ids:
+            return token.encode("utf-8")
+        inverse = _byte_decoder()
+        if all(c in inverse for c in token):
+            return bytes(inverse[c] for c in token)
+        return self.decode([token_id]).encode("utf-8")  # not a byte-level vocabulary
 
     def __len__(self) -> int:
         return self.vocab_size

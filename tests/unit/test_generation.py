@@ -12,7 +12,6 @@ split across byte tokens, <think> blocks.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 
@@ -24,6 +23,7 @@ from qwenkit.engine import generate as generate_mod
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import Sampler, SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
+from tests.scripted import ScriptedLM, scripted
 
 PROMPT = "Hello, world! The quick brown fox"
 N = 16
@@ -70,32 +70,6 @@ class ForwardLog:
 
     def __exit__(self, *exc):
         self._handle.remove()
-
-
-class ScriptedLM:
-    """Wraps a real model: runs it (so the cache advances as usual) but returns logits that force `script` in order."""
-
-    def __init__(self, lm, script: list[int]):
-        self.lm, self.script, self.config, self.step = lm, list(script), lm.config, 0
-
-    @property
-    def dtype(self):
-        return self.lm.dtype
-
-    def __call__(self, input_ids, cache=None, logits="all"):
-        out = self.lm(input_ids, cache=cache, logits=logits)
-        forced = torch.full_like(out, -30.0)
-        token = self.script[min(self.step, len(self.script) - 1)]
-        forced[..., token] = 30.0
-        self.step += 1
-        return forced
-
-
-def scripted(model, script: list[int]):
-    """A shallow copy of a loaded Model whose network emits `script` (greedy) regardless of the prompt."""
-    clone = copy.copy(model)
-    clone.model = ScriptedLM(model.model, script)
-    return clone
 
 
 def stream_list(it) -> list[Response]:

@@ -66,6 +66,16 @@ def test_incremental_decoder_matches_decode(tok, skip):
         assert not any(p.endswith("\ufffd") for p in pieces[:-1] if p) or "\ufffd" in tok.decode(ids)
 
 
+def test_token_bytes_are_exact_even_inside_a_character(tok):
+    text = "a👋b <think>é"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    wave = tok.encode("👋")
+    assert len(wave) > 1 and tok.token_bytes(wave[0]) == "👋".encode()[:1]  # one byte, not U+FFFD
+    assert tok.token_bytes(tok.token_to_id("<think>")) == b"<think>"
+    assert tok.token_bytes(10**9) == b""
+
+
 def test_incremental_decoder_holds_partial_characters(tok):
     dec = IncrementalDecoder(tok)
     ids = tok.encode("a👋b")
