@@ -70,7 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int)
     bench.add_argument("--json", action="store_true")
     _quant_arg(bench)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model", help="short name, Hugging Face id, or path to .gguf / folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("QWENKIT_API_KEY") or None,
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                     "(default: $QWENKIT_API_KEY)")
+    srv.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
+    srv.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (default: 8)")
+    srv.add_argument("--max-queue", type=_positive, default=64,
+                     help="requests waiting for the batch before new ones get 429 (default: 64)")
+    srv.add_argument("--max-model-len", type=_positive, help="tokens per request, prompt plus answer "
+                     "(default: the model's context length)")
+    srv.add_argument("--request-timeout", type=float, help="seconds a request may take (default: no limit)")
+    srv.add_argument("--max-body-bytes", type=_positive, default=4 << 20, help="request body cap (default: 4 MiB)")
+    srv.add_argument("--drain-timeout", type=float, default=300.0,
+                     help="seconds SIGTERM waits for requests in flight (default: 300)")
+    srv.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    _quant_arg(srv)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +215,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qwenkit.serve import ServeConfig
+    from qwenkit.serve.server import serve
+
+    config = ServeConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+        quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
+    )
+    return serve(config, verbose=args.verbose)
+
+
+VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
+         "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -158,7 +158,9 @@ class Engine:
         if self._stopping:
             raise EngineStopped("the server is shutting down")
         with self._lock:
-            if self.scheduler.waiting_count() + self._incoming.qsize() >= self.max_queue:
+            # Requests not yet picked up by the worker may still take a free batch slot rather than wait.
+            queued = self.scheduler.waiting_count() + self._incoming.qsize() - self.scheduler.free_slots()
+            if queued >= self.max_queue:
                 raise Overloaded(f"the request queue is full ({self.max_queue} waiting); retry shortly")
         stream = RequestStream(request, self)
         self._incoming.put(stream)

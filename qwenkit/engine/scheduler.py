@@ -84,6 +84,9 @@ class Scheduler:
     def waiting_count(self) -> int:
         return len(self.waiting)
 
+    def free_slots(self) -> int:
+        return max(self.max_batch - len(self.running), 0)
+
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running

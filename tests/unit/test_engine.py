@@ -135,8 +135,9 @@ def test_async_iteration_and_early_exit_aborts(tok):
 def test_full_queue_refuses_and_shutdown_drains(tok):
     model = tiny_model("qwen2")
     engine = Engine(model, tok, max_batch=1, max_queue=2, block_size=4)
-    first = engine.submit(greedy(tok.encode(PROMPTS[0])))
-    engine.submit(greedy(tok.encode(PROMPTS[1])))
+    first = engine.submit(greedy(tok.encode(PROMPTS[0])))  # takes the one batch slot
+    engine.submit(greedy(tok.encode(PROMPTS[1])))  # waits
+    engine.submit(greedy(tok.encode(PROMPTS[3])))  # waits: the queue is full
     with pytest.raises(Overloaded):
         engine.submit(greedy(tok.encode(PROMPTS[2])))
     engine.start()
