@@ -122,26 +122,45 @@ class PagedBatch:
         self.segments = segments
         self.positions = positions  # [N] absolute position of each new token
         self.write_slots = torch.cat([slots[-rows:] for _, rows, slots in segments])
+        self._contexts: dict[int | None, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+
+    def _context(self, window: int | None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Every segment's context slots in one index (one gather per layer instead of one per sequence), and each
+        segment's (offset, length) in it; with a sliding window, only the keys some new token can still see."""
+        if window not in self._contexts:
+            parts, spans, offset = [], [], 0
+            for _, rows, slots in self.segments:
+                if window is not None and slots.numel() > window + rows - 1:
+                    slots = slots[-(window + rows - 1) :]
+                parts.append(slots)
+                spans.append((offset, slots.numel()))
+                offset += slots.numel()
+            self._contexts[window] = (torch.cat(parts), spans)
+        return self._contexts[window]
 
     def attend(self, layer: int, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [1, H, N, D], k and v [1, KV, N, D] of the new tokens -> attention output [1, N, H * D]."""
+        """q [1, H, N, D], k and v [1, KV, N, D] of the new tokens -> attention output [1, N, H * D].
+
+        Each sequence attends over its own keys only, never padded to its neighbours' lengths, so its result is the
+        same in any batch."""
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
         pool_k[self.write_slots] = k[0].transpose(0, 1).to(pool_k.dtype)
         pool_v[self.write_slots] = v[0].transpose(0, 1).to(pool_v.dtype)
         n_heads, n_kv = q.shape[1], k.shape[1]
+        slots, spans = self._context(window)
+        all_k = pool_k[slots].transpose(0, 1)  # [KV, L_total, D]
+        all_v = pool_v[slots].transpose(0, 1)
         outs = []
-        for first, rows, slots in self.segments:
-            if window is not None and slots.numel() > window + rows - 1:
-                slots = slots[-(window + rows - 1) :]  # older keys are outside every new token's window
-            ks = pool_k[slots].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
-            vs = pool_v[slots].transpose(0, 1).unsqueeze(0)
+        for (first, rows, _), (offset, length) in zip(self.segments, spans):
+            ks = all_k[:, offset : offset + length].unsqueeze(0)  # [1, KV, L, D]
+            vs = all_v[:, offset : offset + length].unsqueeze(0)
             qs = q[:, :, first : first + rows]
             if rows == 1:
                 outs.append(decode_attention(qs, ks, vs))
             else:
                 outs.append(
                     F.scaled_dot_product_attention(
-                        qs, ks, vs, attn_mask=_causal(rows, ks.shape[2], window), enable_gqa=n_kv != n_heads
+                        qs, ks, vs, attn_mask=_causal(rows, length, window), enable_gqa=n_kv != n_heads
                     )
                 )
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, H, N, D]
