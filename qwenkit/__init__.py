@@ -6,22 +6,19 @@ not pay for importing torch.
 
 from typing import TYPE_CHECKING
 
+from qwenkit._lazy import lazy_exports
 from qwenkit.errors import QwenkitError
 
-__all__ = ["Model", "QwenkitError", "Response", "Usage", "load"]
+__all__ = ["Client", "Model", "QwenkitError", "Response", "Usage", "load"]
 __version__ = "0.1.0"
 
-_LAZY = {"Model": "qwenkit.runtime", "load": "qwenkit.runtime", "Response": "qwenkit.engine.response",
-         "Usage": "qwenkit.engine.response"}
+__getattr__ = lazy_exports("qwenkit", {
+    "Client": "qwenkit.route.client", "Model": "qwenkit.runtime", "load": "qwenkit.runtime",
+    "Response": "qwenkit.engine.response", "Usage": "qwenkit.engine.response",
+})
 
 if TYPE_CHECKING:
     from qwenkit.engine.response import Response, Usage
+    from qwenkit.route.client import Client
     from qwenkit.runtime import Model, load
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qwenkit' has no attribute {name!r}")

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_arg(bench)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    srv.add_argument("model", help="short name, Hugging Face id, or path to .gguf / folder")
+    srv.add_argument("model", nargs="?", help="short name, Hugging Face id, or path to .gguf / folder")
+    srv.add_argument("--route", metavar="ROUTE_YAML",
+                     help="serve a router over the backends in this YAML file instead of one model "
+                     "(hosted first, on-device fallback; see qwenkit/route/config.py)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("QWENKIT_API_KEY") or None,
@@ -219,6 +222,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwenkit.serve import ServeConfig
     from qwenkit.serve.server import serve
 
+    if args.route:
+        if args.model:
+            raise QwenkitError("serve: give either a MODEL or --route, not both (the route file names the models)")
+        from qwenkit.serve.route_app import serve_route
+
+        return serve_route(args.route, host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
+    if not args.model:
+        raise QwenkitError("serve: a MODEL (or --route ROUTE_YAML) is required")
     config = ServeConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,

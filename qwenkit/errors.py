@@ -53,3 +53,7 @@ class RequestTimeout(QwenkitError):
 
 class EngineStopped(QwenkitError):
     """The engine is shutting down (SIGTERM) and takes no new requests (HTTP 503)."""
+
+
+class BadConfig(QwenkitError):
+    """A configuration file (a router's route.yaml) is invalid; the message names the file and line."""

@@ -75,10 +75,14 @@ class Model:
 
     # ---- prompts ---------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
-               add_generation_prompt: bool = True) -> str:
-        """The prompt text the model sees for this conversation, through the checkpoint's own chat template."""
+               add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """The prompt text the model sees for this conversation, through the checkpoint's own chat template.
+
+        continue_final_message=True (with add_generation_prompt=False) leaves the last assistant message open, so
+        the answer carries on from its last character."""
         return self.template.render(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            continue_final_message=continue_final_message,
         )
 
     def _params(self, thinking: bool, sampling: dict[str, Any]) -> SamplingParams:
@@ -126,13 +130,17 @@ class Model:
         *,
         tools: list[dict] | None = None,
         enable_thinking: bool | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **sampling,
     ) -> Prepared:
         """Token ids, sampling parameters (the model's thinking or non-thinking defaults under `sampling`), budget
-        and parsing state for a conversation."""
+        and parsing state for a conversation (continue_final_message: carry on the last assistant message)."""
         from qwenkit.text.stream import StreamParser
 
-        prompt_ids = self.tokenizer.encode(self.render(messages, tools=tools, enable_thinking=enable_thinking))
+        text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
+                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+        prompt_ids = self.tokenizer.encode(text)
         # Some templates (Qwen3 thinking releases) end the prompt inside an opened <think> block.
         opened = StreamParser.prompt_in_reasoning(self.tokenizer, prompt_ids)
         thinking = self.config.model_type.startswith("qwen3") and (opened or enable_thinking is not False)
@@ -151,10 +159,15 @@ class Model:
         tools: list[dict] | None = None,
         stream: bool = False,
         enable_thinking: bool | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **sampling,
     ) -> Response | Iterator[Response]:
-        """Answer a conversation; reasoning, content and tool calls come back apart."""
-        prepared = self.prepare_chat(messages, tools=tools, enable_thinking=enable_thinking, **sampling)
+        """Answer a conversation; reasoning, content and tool calls come back apart. continue_final_message=True
+        (with add_generation_prompt=False) continues the last assistant message instead of starting a new one."""
+        prepared = self.prepare_chat(messages, tools=tools, enable_thinking=enable_thinking,
+                                     add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message, **sampling)
         return self._run(prepared, stream=stream)
 
     def _run(self, p: Prepared, stream: bool):

@@ -8,19 +8,10 @@ engine jobs and back), generation.py (running a job's sequences), metrics.py, se
 background), server.py (uvicorn, SIGTERM drain).
 """
 
+from qwenkit._lazy import lazy_exports
 from qwenkit.serve.service import ModelService, ServeConfig
 
 __all__ = ["ModelService", "ServeConfig", "create_app", "serve"]
 
-
-def __getattr__(name: str):
-    # FastAPI and uvicorn are imported only by the modules that need them.
-    if name == "create_app":
-        from qwenkit.serve.app import create_app
-
-        return create_app
-    if name == "serve":
-        from qwenkit.serve.server import serve
-
-        return serve
-    raise AttributeError(f"module 'qwenkit.serve' has no attribute {name!r}")
+# FastAPI and uvicorn are imported only by the modules that need them.
+__getattr__ = lazy_exports("qwenkit.serve", {"create_app": "qwenkit.serve.app", "serve": "qwenkit.serve.server"})

@@ -34,7 +34,7 @@ from qwenkit.serve.chat import build_chat_job
 from qwenkit.serve.completions import build_completion_job
 from qwenkit.serve.errors import APIError, from_qwenkit, from_validation
 from qwenkit.serve.format import Job, total_usage
-from qwenkit.serve.generation import Run
+from qwenkit.serve.generation import Run, job_chunks
 from qwenkit.serve.metrics import CONTENT_TYPE, Metrics
 from qwenkit.serve.service import FAILED, LOADING, ModelService
 
@@ -240,6 +240,7 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
                 tools = [t.model_dump(exclude_none=True) for t in data.tools] if data.tools else None
                 text = model.template.render([m.to_template() for m in data.messages], tools=tools,
                                              add_generation_prompt=data.add_generation_prompt,
+                                             continue_final_message=data.continue_final_message,
                                              enable_thinking=thinking)
                 return model.tokenizer.encode(text)
             return model.tokenizer.encode(data.prompt)
@@ -273,19 +274,10 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
 
     # ---- streaming and collecting ------------------------------------------------------------------------------
     async def stream_events(job: Job, run: Run) -> AsyncIterator[bytes]:
-        fmt = job.formatter
-        finals: list = [None] * len(job.requests)
+        chunks = job_chunks(job, run)
         try:
-            for chunk in fmt.opening_chunks():
+            async for chunk in chunks:
                 yield sse(chunk)
-            async for i, step in run.steps():
-                chunk = fmt.chunk(i, step)
-                if chunk is not None:
-                    yield sse(chunk)
-                if step.finish_reason is not None:
-                    finals[i] = step.usage
-            if job.include_usage:
-                yield sse(fmt.usage_chunk(total_usage(job.prompt_tokens, finals)))
         except QwenkitError as e:  # mid-stream: the status line is long gone, so the error is an event
             yield sse(from_qwenkit(e).body())
         except Exception:  # noqa: BLE001 - a bug must end this stream, not the server
@@ -293,6 +285,7 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
             yield sse(APIError(500, "internal server error", "server_error", None, "internal_error").body())
         finally:
             run.abort()
+            await chunks.aclose()
         yield sse("[DONE]")
 
     async def collect(request: Request, job: Job, run: Run) -> Response:

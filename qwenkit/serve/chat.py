@@ -59,6 +59,8 @@ def build_chat_job(service, req: ChatCompletionRequest, timeout: float | None) -
         [m.to_template() for m in req.messages],
         tools=tools if choice != "none" else None,
         enable_thinking=thinking,
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
         **req.sampling_kwargs(),
     )
 

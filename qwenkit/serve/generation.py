@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from qwenkit.engine.engine import GenerationRequest
 from qwenkit.engine.response import Response
+from qwenkit.serve.format import Job, total_usage
 from qwenkit.serve.metrics import Metrics
 
 
@@ -72,6 +73,23 @@ class Run:
             ttft = t.first - self.started if t.first is not None else None
             self.metrics.observe_sequence(ttft, t.first or now, t.last or now, step.usage.prompt_tokens,
                                           step.usage.completion_tokens, step.finish_reason)
+
+
+async def job_chunks(job: Job, run: Run) -> AsyncIterator[dict]:
+    """A submitted job's streaming chunks as OpenAI objects (opening, deltas, usage when asked): what the HTTP
+    stream sends as events and what the router's native backend relays."""
+    fmt = job.formatter
+    finals: list = [None] * len(job.requests)
+    for chunk in fmt.opening_chunks():
+        yield chunk
+    async for i, step in run.steps():
+        chunk = fmt.chunk(i, step)
+        if chunk is not None:
+            yield chunk
+        if step.finish_reason is not None:
+            finals[i] = step.usage
+    if job.include_usage:
+        yield fmt.usage_chunk(total_usage(job.prompt_tokens, finals))
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, Response]]:

@@ -153,6 +153,10 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # vLLM's prefill options: continue the last assistant message (the router's mid-stream failover sends the
+    # partial answer this way) instead of opening a new turn.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def sampling_kwargs(self) -> dict[str, Any]:
         out = super().sampling_kwargs()
@@ -200,6 +204,7 @@ class TokenizeChat(Strict):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: ChatTemplateKwargs | None = None
     return_token_strs: bool = False

@@ -273,6 +273,37 @@ def _message(msg: Any, i: int) -> dict[str, Any]:
     return out
 
 
+def _cut_after(text: str, part: str) -> int | None:
+    """Where `part` (as the template rendered it, perhaps stripped) ends in `text`, searching from the end."""
+    stripped = part.strip()
+    at = text.rfind(stripped) if stripped else -1
+    if at < 0:
+        return None
+    keep = part.lstrip()
+    # As transformers: keep the part's own trailing spaces where the template kept them.
+    return at + len(keep) if text[at:at + len(keep)] == keep else at + len(stripped)
+
+
+def _cut_after_final(text: str, final: dict[str, Any]) -> str:
+    """The rendered conversation up to the end of the final message as written so far (its end-of-turn cut off).
+
+    What the message ends with decides where: its last tool call, else its content, else its reasoning (a
+    reasoning block left open, so the model goes on thinking), else nothing (the turn opens after its header)."""
+    if final.get("tool_calls"):
+        at = text.rfind("</tool_call>")
+        end = at + len("</tool_call>") if at >= 0 else None
+    elif final.get("content", "").strip():
+        end = _cut_after(text, final["content"])
+    elif final.get("reasoning_content", "").strip():
+        end = _cut_after(text, final["reasoning_content"])
+    else:
+        at = text.rfind("<|im_end|>")
+        end = at if at >= 0 else len(text)
+    if end is None:
+        raise TemplateError("continue_final_message: the chat template does not render the final message verbatim")
+    return text[:end]
+
+
 class ChatTemplate:
     """A model's chat template (or the built-in ChatML one when `source` is None), ready to render conversations."""
 
@@ -301,9 +332,14 @@ class ChatTemplate:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text for `messages` (OpenAI-style dicts). enable_thinking=None leaves it undefined."""
+        """The prompt text for `messages` (OpenAI-style dicts). enable_thinking=None leaves it undefined.
+
+        continue_final_message: the last message (an assistant's) is left open, so that generation carries on
+        from its last character (a prefill, or an answer cut off mid-stream). As transformers and vLLM do.
+        """
         if not isinstance(messages, list):
             raise BadRequest(f"messages: must be a list, got {type(messages).__name__}")
         if not messages:
@@ -328,8 +364,13 @@ class ChatTemplate:
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
         documents = kwargs.pop("documents", None)  # transformers passes documents=None when not given
+        if continue_final_message:
+            if add_generation_prompt:
+                raise BadRequest("continue_final_message: cannot be combined with add_generation_prompt")
+            if chat[-1]["role"] != "assistant":
+                raise BadRequest("continue_final_message: the last message must be an assistant's")
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=chat,
                 tools=tools,
                 documents=documents,
@@ -344,3 +385,4 @@ class ChatTemplate:
             raise
         except Exception as e:  # a template doing arithmetic on the wrong types, etc.
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        return _cut_after_final(text, chat[-1]) if continue_final_message else text

@@ -1,0 +1,230 @@
+"""The router's backends: each streams OpenAI chat.completion.chunk dicts for a chat request.
+
+- OpenAIBackend: any OpenAI-compatible server over HTTP (qwenkit serve, vLLM, llama.cpp's server, a cloud API).
+- NativeBackend: a model in this process, through the same code path as `qwenkit serve` (request validation,
+  chat job, engine with continuous batching), so the on-device fallback answers exactly as a qwenkit server would.
+
+Failures the router may fail over from raise BackendError; a request the backend refuses as invalid (a 4xx other
+than 408/429) raises BackendRejected, which goes back to the client: another backend would refuse it too.
+Timeouts between chunks are the router's job (one policy for every kind of backend), not the backends'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from qwenkit.route.breaker import Breaker
+from qwenkit.route.config import BackendConfig
+
+log = logging.getLogger("qwenkit.route")
+
+RETRYABLE_STATUS = frozenset({408, 429})  # plus every 5xx
+
+
+class BackendError(Exception):
+    """A failure worth trying elsewhere: refused connection, timeout, 5xx, 429, a stream cut short."""
+
+    def __init__(self, backend: str, message: str, status: int | None = None):
+        super().__init__(f"{backend}: {message}")
+        self.backend, self.status = backend, status
+
+
+class BackendRejected(Exception):
+    """The backend refused the request itself (400, 401, 404...): its error body goes back to the client."""
+
+    def __init__(self, backend: str, status: int, body: dict):
+        super().__init__(f"{backend}: HTTP {status}: {body}")
+        self.backend, self.status, self.body = backend, status, body
+
+
+class Backend:
+    """Interface: `stream` chunks, `probe` health cheaply, `start`/`close` resources."""
+
+    remote = True
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.name = config.name
+        self.breaker = Breaker(config.breaker.failures, config.breaker.cooldown)
+        self.latency: float | None = None  # moving average of the time to first token, seconds
+
+    def observe_latency(self, seconds: float) -> None:
+        """Time to first token of a served request, for the latency-aware choice among equal-priority backends."""
+        self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
+
+    @property
+    def ready(self) -> bool:
+        """Able to take requests as far as this process knows (a remote one: its breaker decides)."""
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def probe(self) -> bool:
+        raise NotImplementedError
+
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
+        raise NotImplementedError
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, config: BackendConfig):
+        super().__init__(config)
+        self._client = None
+
+    def _http(self):
+        if self._client is None:
+            import httpx2
+
+            # Read timeouts are the router's first-token / inter-token deadlines; only connecting is bounded here.
+            timeout = httpx2.Timeout(None, connect=self.config.connect_timeout)
+            self._client = httpx2.AsyncClient(timeout=timeout)
+        return self._client
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def probe(self) -> bool:
+        """GET /health (qwenkit, vLLM, llama.cpp), else /v1/models (cloud APIs): neither is a billed completion."""
+        import httpx2
+
+        client = self._http()
+        limit = max(self.config.connect_timeout, 0.1) * 2
+        try:
+            r = await client.get(f"{self.config.base_url}/health", headers=self._headers(), timeout=limit)
+            if r.status_code == 404:
+                r = await client.get(f"{self.config.base_url}/v1/models", headers=self._headers(), timeout=limit)
+            return r.status_code == 200
+        except httpx2.HTTPError:
+            return False
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
+        import httpx2
+
+        url = f"{self.config.base_url}/v1/chat/completions"
+        done = False
+        try:
+            async with self._http().stream("POST", url, json=body, headers=self._headers()) as r:
+                if r.status_code != 200:
+                    raw = await r.aread()
+                    if r.status_code >= 500 or r.status_code in RETRYABLE_STATUS:
+                        raise BackendError(self.name, f"HTTP {r.status_code}", r.status_code)
+                    try:
+                        err = json.loads(raw)
+                    except ValueError:
+                        err = {"error": {"message": raw.decode(errors="replace")[:500], "type": "backend_error"}}
+                    raise BackendRejected(self.name, r.status_code, err)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise BackendError(self.name, f"not a JSON event: {data[:200]!r}") from None
+                    if "error" in chunk:  # an error event after the status line: the stream failed there
+                        raise BackendError(self.name, f"error event: {chunk['error']}")
+                    yield chunk
+        except httpx2.HTTPError as e:
+            raise BackendError(self.name, f"{type(e).__name__}: {e}") from None
+        if not done:
+            raise BackendError(self.name, "the stream ended before [DONE]")
+
+
+class NativeBackend(Backend):
+    """A model loaded in this process, served by qwenkit.serve's ModelService and chat job code."""
+
+    remote = False
+
+    def __init__(self, config: BackendConfig, loader: Callable[[], object] | None = None):
+        super().__init__(config)
+        self._loading = False
+        from qwenkit.serve.metrics import Metrics
+        from qwenkit.serve.service import ModelService, ServeConfig
+
+        serve_config = ServeConfig(model=config.model, served_model_name=config.name, quant=config.quant,
+                                   threads=config.threads, max_model_len=config.max_model_len,
+                                   max_batch=config.max_batch)
+        self.service = ModelService(serve_config, loader=loader)
+        self.metrics = Metrics(self.service.stats)
+
+    async def start(self) -> None:
+        if not self._loading:
+            self._loading = True
+            self.service.start_loading()
+
+    async def close(self) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(self.service.shutdown)
+
+    @property
+    def ready(self) -> bool:
+        return self.service.ready
+
+    async def probe(self) -> bool:
+        return self.service.ready
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self.service.wait_loaded(timeout)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
+        import anyio
+        from pydantic import ValidationError
+
+        from qwenkit.errors import EngineStopped, Overloaded, QwenkitError
+        from qwenkit.serve.chat import build_chat_job
+        from qwenkit.serve.errors import from_qwenkit, from_validation
+        from qwenkit.serve.generation import Run, job_chunks
+        from qwenkit.serve.protocol import ChatCompletionRequest
+
+        from qwenkit.serve.service import LOADING
+
+        while self.service.state == LOADING:  # the fallback is about to exist: worth waiting for (the router's
+            await asyncio.sleep(0.05)  # first-token deadline bounds the wait)
+        if not self.service.ready:
+            raise BackendError(self.name, f"the model is {self.service.state}")
+        body = {k: v for k, v in body.items() if k != "model"}  # the one model here answers any name
+        try:
+            # Through JSON, as the server reads it: strict validation then treats the dict exactly like a body.
+            req = ChatCompletionRequest.model_validate_json(json.dumps(body))
+        except ValidationError as e:
+            err = from_validation(e)
+            raise BackendRejected(self.name, err.status, err.body()) from None
+        try:
+            job = await anyio.to_thread.run_sync(build_chat_job, self.service, req, self.service.config.request_timeout)
+            run = Run(self.service.engine, job.requests, self.metrics)
+            run.submit()
+        except (Overloaded, EngineStopped) as e:
+            raise BackendError(self.name, str(e)) from None
+        except QwenkitError as e:
+            err = from_qwenkit(e)
+            raise BackendRejected(self.name, err.status, err.body()) from None
+        chunks = job_chunks(job, run)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except QwenkitError as e:
+            raise BackendError(self.name, str(e)) from None
+        finally:
+            run.abort()
+            await chunks.aclose()
+
+
+def make_backend(config: BackendConfig) -> Backend:
+    return NativeBackend(config) if config.type == "native" else OpenAIBackend(config)

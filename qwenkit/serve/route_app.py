@@ -1,0 +1,131 @@
+"""`qwenkit serve --route route.yaml`: the same OpenAI chat API, answered by a Router (qwenkit.route) rather than
+one model. Backends are tried in order with failover, also in the middle of a stream.
+
+The `x-qwenkit-backends` header names the backend that started the answer (headers leave before a later switch can
+happen); the last chunk's (or the whole response's) `qwenkit_backends` field names every backend that served it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenkit.route.backends import BackendRejected
+from qwenkit.route.router import AllBackendsFailed, Router
+from qwenkit.serve.app import SSEResponse, sse
+
+log = logging.getLogger("qwenkit.serve")
+
+BACKENDS_HEADER = "x-qwenkit-backends"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+
+
+def create_route_app(router: Router, api_key: str | None = None, max_body_bytes: int = 4 << 20) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.close()
+
+    app = FastAPI(title="qwenkit router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = router
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return hmac.compare_digest(given.strip().encode(), api_key.encode()) and scheme.lower() == "bearer"
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        usable = [b.name for b in router.backends if b.ready and b.breaker.state != "open"]
+        states = {b.name: b.breaker.state if b.ready else "not ready" for b in router.backends}
+        return JSONResponse({"status": "ready" if usable else "unavailable", "backends": states},
+                            status_code=200 if usable else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return _error(401, "invalid or missing API key", code="invalid_api_key")
+        names = [router.config.served_model_name]
+        for b in router.config.backends:
+            names += [a for a in b.aliases if a not in names]
+        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "qwenkit"}
+                                                        for n in names]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "invalid or missing API key", code="invalid_api_key")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            return _error(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"request body is not valid JSON: {e}")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400, "request body must be a JSON object with 'messages'", code="missing_parameter")
+        try:
+            if not body.get("stream"):
+                result, served = await router.complete(body)
+                return JSONResponse(result, headers={BACKENDS_HEADER: ",".join(served)})
+            stream = router.stream(body)
+            it = stream.__aiter__()
+            first = await it.__anext__()  # before the status line: a request no backend takes is a clean error
+        except BackendRejected as e:
+            return JSONResponse(e.body, status_code=e.status)
+        except AllBackendsFailed as e:
+            return _error(503, str(e), "service_unavailable", "no_backend_available")
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield sse(first)
+                async for chunk in it:
+                    yield sse(chunk)
+            except (AllBackendsFailed, BackendRejected) as e:  # mid-stream: the error is an event
+                message: Any = e.body if isinstance(e, BackendRejected) else {"error": {
+                    "message": str(e), "type": "service_unavailable", "param": None, "code": "no_backend_available"}}
+                yield sse(message)
+            finally:
+                await stream.aclose()
+            yield sse("[DONE]")
+
+        # SSEResponse closes the generator (and so the backend stream) whichever way the client goes away.
+        return SSEResponse(events(), on_close=lambda: None,
+                           headers={"Cache-Control": "no-cache", BACKENDS_HEADER: ",".join(stream.backends)})
+
+    return app
+
+
+def serve_route(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                verbose: int = 0) -> int:
+    """Run the router's HTTP server until SIGTERM / Ctrl-C."""
+    import sys
+
+    import uvicorn
+
+    from qwenkit.route.config import load_route
+    from qwenkit.serve.server import _bind
+
+    router = Router(load_route(path))  # a bad file fails here, before listening
+    sock = _bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    app = create_route_app(router, api_key=api_key)
+    config = uvicorn.Config(app, log_config=None, access_log=verbose > 0, lifespan="on", timeout_keep_alive=30)
+    names = ", ".join(f"{b.name} ({b.type})" for b in router.config.backends)
+    print(f"qwenkit serve: routing on http://{bound_host}:{bound_port} to {names}", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

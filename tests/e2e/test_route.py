@@ -1,0 +1,291 @@
+"""The hybrid router with real processes on loopback: a hosted `qwenkit serve` subprocess (a tiny random model) in
+front of an on-device fallback (another tiny model with different weights, so a continuation cannot pass by
+accident). The host is killed, frozen and faked into 500/429; every request must complete through the fallback,
+mid-stream with no text lost or repeated; after a restart, requests return to the host within a probe interval.
+
+The router runs in-process through qwenkit.Client (the embedding API), and once as `qwenkit serve --route`.
+Answers are greedy so every expectation is exact.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_cli import qwenkit_command
+from tests.tiny_checkpoint import tiny_hf_folder
+
+pytestmark = [pytest.mark.slow]
+
+PROBE = 0.5  # seconds between health probes: recovery must take at most about this long
+HELLO = [{"role": "user", "content": "hello"}]
+HOST_NAME = "host-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+class Proc:
+    """A qwenkit subprocess on a fixed port (so a restarted host is found at the same address)."""
+
+    def __init__(self, args: list[str], log: Path, port: int):
+        self.args, self.log, self.port = args, log, port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.pop("QWENKIT_API_KEY", None)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([*qwenkit_command(), "serve", *self.args, "--port", str(self.port)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while get(f"http://127.0.0.1:{self.port}/health") != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.2)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> tuple[Path, Path]:
+    """(host model, device model): tiny Qwen2 folders with different seeds (seed 3 writes plenty of text)."""
+    root = tmp_path_factory.mktemp("route")
+    return tiny_hf_folder(root / "host", seed=3), tiny_hf_folder(root / "device", seed=2)
+
+
+@pytest.fixture(scope="module")
+def host(paths, tmp_path_factory):
+    h = Proc([str(paths[0]), "--served-model-name", HOST_NAME], tmp_path_factory.mktemp("logs") / "host.log",
+             free_port()).start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def device_model(paths):
+    """The fallback's weights loaded on their own, to compute what the router's fallback must produce."""
+    import qwenkit
+
+    return qwenkit.load(paths[1], pull=False)
+
+
+def route_yaml(host_url: str, device: Path, **host_opts) -> str:
+    opts = {"first_token_timeout": 3, "inter_token_timeout": 2, "connect_timeout": 1,
+            "breaker": "{failures: 1, cooldown: 60}", **host_opts}
+    lines = "".join(f"    {k}: {v}\n" for k, v in opts.items())
+    return (f"probe_interval: {PROBE}\nbackends:\n  - name: host\n    type: openai\n    base_url: {host_url}\n"
+            f"    model: {HOST_NAME}\n{lines}  - name: device\n    type: native\n    model: {device}\n")
+
+
+@pytest.fixture(scope="module")
+def client(host, paths):
+    import qwenkit
+    from qwenkit.route import parse_route
+
+    c = qwenkit.Client(parse_route(route_yaml(f"http://127.0.0.1:{host.port}", paths[1])))
+    assert c.router.backend("device").wait_loaded(60)
+    yield c
+    c.close()
+
+
+def healthy(host: Proc, client) -> None:
+    """Every test starts with the host up and its breaker closed."""
+    if not host.alive:
+        host.start()
+    client.probe()
+    assert client.router.backend("host").breaker.state == "closed"
+
+
+def stream(client, **body) -> tuple[list[str], list[str]]:
+    """(content pieces, backends) of a streamed greedy answer."""
+    pieces, backends = [], None
+    for chunk in client.chat(HELLO, stream=True, temperature=0, **body):
+        for c in chunk["choices"]:
+            if c["delta"].get("content"):
+                pieces.append(c["delta"]["content"])
+        backends = chunk.get("qwenkit_backends", backends)
+    return pieces, backends
+
+
+def answer(model, messages, max_tokens: int, **kw) -> str:
+    return model.chat(messages, temperature=0, max_tokens=max_tokens, **kw).text
+
+
+def test_healthy_path_is_the_host(host, client, device_model):
+    healthy(host, client)
+    reply = client.chat(HELLO, temperature=0, max_tokens=16)
+    assert reply["qwenkit_backends"] == ["host"]
+    assert reply["choices"][0]["message"]["content"] != answer(device_model, HELLO, 16)  # the weights differ
+
+
+def test_host_killed_before_request_then_recovers(host, client, device_model):
+    healthy(host, client)
+    host.kill()
+    pieces, backends = stream(client, max_tokens=16)
+    assert backends == ["device"]
+    assert "".join(pieces) == answer(device_model, HELLO, 16)
+    # The breaker is open now (failures: 1): the next request goes straight to the device, no connect attempt.
+    assert client.router.backend("host").breaker.state == "open"
+    started = time.monotonic()
+    reply = client.chat(HELLO, temperature=0, max_tokens=1)
+    assert reply["qwenkit_backends"] == ["device"]
+    assert time.monotonic() - started < 2.0  # one tiny decode step; no timeout was waited on
+    # Recovery: once the host is back, the background probe closes the breaker within one probe interval.
+    host.start()
+    up = time.monotonic()
+    breaker = client.router.backend("host").breaker
+    while breaker.state != "closed" and time.monotonic() - up < 10:
+        time.sleep(0.02)
+    assert time.monotonic() - up < PROBE + 0.3  # one probe interval (plus the probe's own round trip)
+    assert client.chat(HELLO, temperature=0, max_tokens=4)["qwenkit_backends"] == ["host"]
+
+
+def test_host_killed_mid_stream_continues_on_device(host, client, device_model):
+    healthy(host, client)
+    max_tokens, kill_after = 80, 3
+    pieces, backends = [], None
+    for chunk in client.chat(HELLO, stream=True, temperature=0, max_tokens=max_tokens):
+        for c in chunk["choices"]:
+            if c["delta"].get("content"):
+                pieces.append(c["delta"]["content"])
+                if len(pieces) == kill_after:
+                    host.kill()
+        backends = chunk.get("qwenkit_backends", backends)
+    assert backends == ["host", "device"], backends
+    received = "".join(pieces)
+    # The host may have delivered a few more chunks than we had read when it died: the switch is at one of the
+    # chunk boundaries from `kill_after` on. At exactly one of them, the rest must be the device's own greedy
+    # continuation of that prefix (no text lost, none repeated).
+    matches = []
+    for k in range(kill_after, len(pieces)):
+        prefix = "".join(pieces[:k])
+        cont = answer(device_model, [*HELLO, {"role": "assistant", "content": prefix}], max_tokens,
+                      add_generation_prompt=False, continue_final_message=True)
+        if cont and received == prefix + cont:
+            matches.append(k)
+            break
+    assert matches, f"no split of {received!r} is host prefix + device continuation"
+
+
+def test_frozen_host_times_out_to_device(host, client, device_model):
+    healthy(host, client)
+    host.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        pieces, backends = stream(client, max_tokens=8)
+        waited = time.monotonic() - started
+    finally:
+        host.proc.send_signal(signal.SIGCONT)
+    assert backends == ["device"]
+    assert "".join(pieces) == answer(device_model, HELLO, 8)
+    assert 2.5 < waited < 30  # the first-token timeout (3 s) was waited once, not forever
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible host that only ever answers with an error status."""
+
+    status = 500
+    hits = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).hits += 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"error": {"message": "fake", "type": "server_error"}}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [500, 429])
+def test_error_status_fails_over_after_retries(status, paths, device_model):
+    import qwenkit
+    from qwenkit.route import parse_route
+
+    handler = type("Fake", (_Fake,), {"status": status, "hits": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    cfg = parse_route(route_yaml(url, paths[1], retries=1, backoff=0.05, breaker="{failures: 5, cooldown: 60}"))
+    cfg.probe_interval = 3600  # this test counts the fake host's hits: no probes
+    try:
+        with qwenkit.Client(cfg) as c:
+            assert c.router.backend("device").wait_loaded(60)
+            reply = c.chat(HELLO, temperature=0, max_tokens=8)
+    finally:
+        server.shutdown()
+    assert reply["qwenkit_backends"] == ["device"]
+    assert reply["choices"][0]["message"]["content"] == answer(device_model, HELLO, 8)
+    assert handler.hits == 2  # one try and one retry, then the next backend
+
+
+def test_serve_route_subprocess(host, client, paths, tmp_path):
+    """`qwenkit serve --route`: the same API over HTTP, with the header and the last chunk's field."""
+    openai = pytest.importorskip("openai")
+    healthy(host, client)
+    route = tmp_path / "route.yaml"
+    route.write_text(route_yaml(f"http://127.0.0.1:{host.port}", paths[1]))
+    router = Proc(["--route", str(route)], tmp_path / "router.log", free_port()).start()
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{router.port}/v1", api_key="none", max_retries=0)
+        raw = api.chat.completions.with_raw_response.create(model="any", messages=HELLO, temperature=0, max_tokens=8,
+                                                            stream=True)
+        assert raw.headers["x-qwenkit-backends"] == "host"
+        chunks = list(raw.parse())
+        assert (chunks[-1].model_extra or {}).get("qwenkit_backends") == ["host"]
+        host.kill()
+        reply = api.chat.completions.create(model="any", messages=HELLO, temperature=0, max_tokens=8)
+        assert (reply.model_extra or {}).get("qwenkit_backends") == ["device"]
+        assert reply.choices[0].message.content
+    finally:
+        router.stop()
