@@ -193,8 +193,10 @@ class Engine:
     def _run(self) -> None:
         import torch
 
+        from qwenkit.quant.linear import batch_invariant
+
         self._stopped = False
-        with torch.inference_mode():
+        with torch.inference_mode(), batch_invariant():  # a request's tokens must not depend on its neighbours
             while not self._stopped:
                 while not self._incoming.empty():
                     self.scheduler.add(self._incoming.get())

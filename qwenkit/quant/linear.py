@@ -1,21 +1,23 @@
 """Linear and embedding layers over the compact weight formats (Int8Grouped, Int4Grouped).
 
 Which kernel runs depends on the format, the CPU (see qwenkit.quant.cpu) and the number of activation rows:
-- up to FUSED_MAX_ROWS rows (decode, the serving engine's steps):
+- few rows (decode; up to GEMV_MAX_ROWS, or FUSED_MAX_ROWS for the fused kernels and for the serving engine):
   - int8 with one scale per row, on x86: fbgemm's dynamic int8 linear on its own packed copy of the weight (42-52
-    ms per decode step of the default model against 57-75 ms with the next choice, for ~0.5 GB more memory). fbgemm
-    quantizes a whole batch of activations with one range; we map each row onto [-1, 1] first (_fbgemm_per_row),
-    so every token keeps its own precision and its result does not depend on its batch;
+    ms per decode step of the default model against 57-75 ms with the next choice, for ~0.5 GB more memory).
+    fbgemm quantizes a whole batch of activations with one range; inside batch_invariant() (the serving engine) we
+    map each row onto [-1, 1] first (_fbgemm_per_row), so a request's result does not depend on its batch;
   - int8 per row elsewhere with native bf16: PyTorch's `_weight_int8pack_mm`;
   - int4 in rows of 64 with groups of 32-256, on CPUs with native bf16: PyTorch's tinygemm kernel;
-  - everything else (up to GEMV_MAX_ROWS): our compiled grouped kernels, in fp32.
+  - everything else: our compiled grouped kernels, in fp32.
 - more rows (prompt chunks): the weight is dequantized once per call, a few MB per layer, and multiplied with the
   regular matrix kernel, in bf16 where the CPU has it (AMX / AVX512-BF16 make that several times faster), else fp32.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +28,32 @@ from qwenkit.quant.cpu import has_fbgemm, native_bf16, vnni
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 
 GEMV_MAX_ROWS = 4  # up to this many activation rows, our compiled kernels read the packed weights directly
-# Up to this many rows, fbgemm (rows mapped onto [-1, 1]) and PyTorch's fused int8/int4 kernels compute each row
+# Up to this many rows, PyTorch's fused int8/int4 kernels, and fbgemm within batch_invariant(), compute each row
 # alone: a served request gets the same numbers whatever it is batched with (the engine keeps its steps this small).
 # Past it (long prompt chunks) the weight is dequantized and multiplied in bf16: faster for the fused kernels, whose
 # cost grows with the rows, and more precise than 8-bit activations (+0.4% perplexity against +0.9% for the
 # default model).
 FUSED_MAX_ROWS = 64
+
+
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def batch_invariant() -> Iterator[None]:
+    """Within this block (in this thread), every row of a batch up to FUSED_MAX_ROWS gets exactly the result it would
+    get alone. The serving engine runs its steps in it; single-request generation does not, and keeps fbgemm's
+    plain matrix-vector path (the extra work per call costs it about a third of its decode speed)."""
+    previous = getattr(_mode, "on", False)
+    _mode.on = True
+    try:
+        yield
+    finally:
+        _mode.on = previous
+
+
+def batch_invariant_enabled() -> bool:
+    return getattr(_mode, "on", False)
 
 
 class QuantLinear(nn.Module):
@@ -106,11 +128,18 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if rows > (FUSED_MAX_ROWS if self.fused_kernel or self.packed is not None else GEMV_MAX_ROWS):
+        invariant = batch_invariant_enabled()
+        if self.packed is not None:
+            fast_rows = FUSED_MAX_ROWS if invariant else GEMV_MAX_ROWS
+        else:
+            fast_rows = FUSED_MAX_ROWS if self.fused_kernel else GEMV_MAX_ROWS
+        if rows > fast_rows:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
             y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x.dtype)
-        elif self.packed is not None:
+        elif self.packed is not None and invariant:
             y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums).to(x.dtype)
+        elif self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not vnni()).to(x.dtype)
         elif self.fused_kernel and self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.data, self.kernel_scale)
             y = y.to(x.dtype) * self.scale[:, 0]
@@ -136,30 +165,22 @@ class QuantLinear(nn.Module):
 
 
 def _fbgemm_per_row(x: torch.Tensor, packed, row_sums: torch.Tensor) -> torch.Tensor:
-    """fbgemm's dynamic int8 linear with every activation row quantized on its own range.
+    """fbgemm's dynamic int8 linear with every activation row quantized on its own range (batch invariance).
 
-    fbgemm quantizes the whole batch with one range, so one token's outliers would cost the others their precision
-    (+8% perplexity in prefill) and a row's result would depend on what it is batched with. So each row is mapped
-    onto [-1, 1] first, x = mid + half * u, and a row spanning [-1, 1] is appended to pin fbgemm's range: every row
-    is then quantized alone or in any batch exactly as it would be by itself, and the integer products are exact,
-    so a request's output never depends on its neighbours in the server's batch. W x = half * (W u) + mid * W 1.
+    fbgemm quantizes the whole batch with one range, so in a server batch one request's outliers would cost the
+    others their precision and a row's result would depend on its neighbours. So each row is mapped onto [-1, 1],
+    x = mid + half * u, with its extremes set to exactly -1 and 1: every row then spans [-1, 1], fbgemm's range is
+    [-1, 1] for any batch, each row is quantized as it would be alone, and the integer products are exact.
+    W x = half * (W u) + mid * (W 1). (A constant row keeps only one extreme; its W u term is scaled by 1e-30.)
     """
-    m, k = x.shape
-    lo, hi = x.aminmax(dim=1, keepdim=True)
+    hi, hi_at = x.max(dim=1, keepdim=True)
+    lo, lo_at = x.min(dim=1, keepdim=True)
     mid = (hi + lo) * 0.5
     half = ((hi - lo) * 0.5).clamp_min_(1e-30)
-    scaled = torch.empty(m + 1, k)
-    torch.div(x - mid, half, out=scaled[:m]).clamp_(-1.0, 1.0)  # rounding must not widen the pinned range
-    scaled[m] = _full_span_row(k)
-    y = torch.ops.quantized.linear_dynamic(scaled, packed, not vnni())[:m]
+    u = (x - mid).div_(half).clamp_(-1.0, 1.0)
+    u.scatter_(1, lo_at, -1.0).scatter_(1, hi_at, 1.0)  # rounding must not leave a row short of the full range
+    y = torch.ops.quantized.linear_dynamic(u, packed, not vnni())
     return torch.addcmul(mid * row_sums, y, half)
-
-
-@functools.cache
-def _full_span_row(k: int) -> torch.Tensor:
-    row = torch.zeros(k)
-    row[0], row[1] = 1.0, -1.0
-    return row
 
 
 def _fbgemm_pack(weight: Int8Grouped):
