@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import free_port, write_result  # noqa: E402
 from benchmarks.cpu import LLAMA_MISSING, ensure_workload  # noqa: E402
 
 QUESTIONS = [
@@ -53,12 +52,6 @@ QUESTIONS = [
     "How do database indexes speed up queries?",
     "Explain list comprehensions in Python with examples.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, args, port: int) -> subprocess.Popen:
@@ -228,10 +221,7 @@ def main(argv=None) -> int:
         except ImportError:
             result["llama_cpp_batched"] = {"error": LLAMA_MISSING}
     print_table(result)
-    out = args.out or ROOT / "benchmarks" / "results" / f"serve-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, "serve", args.out)
     return 0
 
 

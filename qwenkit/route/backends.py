@@ -70,6 +70,11 @@ class Backend:
     async def probe(self) -> bool:
         raise NotImplementedError
 
+    def token_counter(self) -> Callable[[str], int] | None:
+        """Counts the tokens of a text with this backend's own tokenizer, when it has one in this process (the
+        router uses it to charge a partial answer against max_tokens before a continuation)."""
+        return None
+
     def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
         raise NotImplementedError
 
@@ -182,6 +187,12 @@ class NativeBackend(Backend):
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self.service.wait_loaded(timeout)
+
+    def token_counter(self) -> Callable[[str], int] | None:
+        if not self.service.ready:
+            return None
+        tokenizer = self.service.model.tokenizer
+        return lambda text: len(tokenizer.encode(text)) if text else 0
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
         import anyio

@@ -4,8 +4,10 @@ Before the first token, a refused connection, a connect or first-token timeout, 
 the next backend (after this backend's retries with backoff). After it, when the stream is cut or stalls past the
 inter-token timeout, the request goes on on the next backend as a continuation: the conversation plus the partial
 answer as an open assistant message (`continue_final_message`), so the client's one stream carries on with no text
-lost or repeated. A backend whose breaker is open is skipped without waiting: when every remote one is open, the
-on-device model answers at once (offline mode), and background probes close the breakers when hosts come back.
+lost or repeated. The continuation is sent what is left of the client's max_tokens (max_completion_tokens) after the
+partial answer; when nothing is left, the answer ends there with finish_reason "length". A backend whose breaker is
+open is skipped without waiting: when every remote one is open, the on-device model answers at once (offline mode),
+and background probes close the breakers when hosts come back.
 
 Chunks are rewritten to one id/created/model for the whole stream; the last chunk carries `qwenkit_backends`, the
 names of the backends that served it, in order.
@@ -118,6 +120,25 @@ class Router:
 
         return [b for _, b in sorted(enumerate(self.backends), key=key)]
 
+    def _spent(self, content: str, reasoning: str, calls: dict[int, dict], chunks: int) -> int:
+        """Completion tokens a partial answer has used, for what a continuation may still generate.
+
+        The router sees text, not tokens, from remote backends. With an on-device model in this process (the same
+        model family as the hosted one, which is what the fallback is for), its tokenizer counts the partial
+        answer: re-encoding generated text gives the tokens a Qwen model generated, or slightly fewer. Without one,
+        each streamed chunk that carried text counts as one token: qwenkit and vLLM stream about one token per
+        chunk (a chunk may hold back a few, e.g. an unfinished UTF-8 character or a stop-string candidate). Either
+        way the count is a lower bound, so the larger of the two is used.
+        """
+        for b in self.backends:
+            count = None if b.remote else b.token_counter()
+            if count is not None:
+                text = [reasoning, content]
+                text += [f'<tool_call>\n{{"name": "{c["function"].get("name") or ""}", "arguments": '
+                         f'{c["function"].get("arguments") or "{}"}}}\n</tool_call>' for c in calls.values()]
+                return max(chunks, sum(count(t) for t in text if t))
+        return chunks
+
     def stream(self, body: dict[str, Any]) -> RoutedStream:
         """Chat completion chunks for `body` (an OpenAI chat request; `stream` is implied)."""
         return RoutedStream(self, body)
@@ -142,6 +163,10 @@ class Router:
         opened = False  # the role chunk went out
         pending: dict | None = None  # a finish/usage chunk held back: the last one gets qwenkit_backends
         attempts: list[str] = []
+        limit_keys = [k for k in ("max_completion_tokens", "max_tokens") if type(body.get(k)) is int]
+        limit = body[limit_keys[0]] if limit_keys else None  # max_completion_tokens wins, as in the server
+        delivered = 0  # choice 0's chunks that carried text or tool calls (a token count where no tokenizer is)
+        exhausted = False  # a backend stopped mid-answer with the client's max_tokens already used up
 
         def rewrite(chunk: dict) -> dict | None:
             nonlocal opened
@@ -187,6 +212,9 @@ class Router:
                         partial["tool_calls"] = [calls[i] for i in sorted(calls)]
                     req.update(messages=[*messages, partial], add_generation_prompt=False,
                                continue_final_message=True)
+                    if limit is not None:  # the continuation may only generate what the partial answer left
+                        left = limit - self._spent(content, reasoning, calls, delivered)
+                        req.update({k: max(left, 1) for k in limit_keys})
                 progressed, finished = False, False
                 offset = len(calls)
                 chunks = b.stream(req).__aiter__()
@@ -208,6 +236,8 @@ class Router:
                         for choice in (out or {}).get("choices") or []:
                             delta = choice.get("delta") or {}
                             if choice.get("index", 0) == 0:
+                                if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                                    delivered += 1
                                 content += delta.get("content") or ""
                                 reasoning += delta.get("reasoning_content") or ""
                                 for call in delta.get("tool_calls") or []:
@@ -239,6 +269,10 @@ class Router:
                                     if content or reasoning else "failing over")
                         if (content or reasoning or calls) and not single:
                             raise AllBackendsFailed(attempts) from None
+                        if (content or reasoning or calls) and limit is not None \
+                                and self._spent(content, reasoning, calls, delivered) >= limit:
+                            exhausted = True  # the answer is as long as the client allowed: nothing to continue
+                            break
                         if progressed:
                             break  # this host just dropped a stream: the next backend continues, no retry here
                         continue
@@ -258,6 +292,13 @@ class Router:
                                "model": model_name, "choices": []}
                 pending["qwenkit_backends"] = list(served)
                 yield pending
+                return
+            if exhausted:
+                if pending is not None:
+                    yield pending
+                yield {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                       "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+                       "qwenkit_backends": list(served)}
                 return
         raise AllBackendsFailed(attempts)
 

@@ -196,11 +196,13 @@ def test_host_killed_mid_stream_continues_on_device(host, client, device_model):
     received = "".join(pieces)
     # The host may have delivered a few more chunks than we had read when it died: the switch is at one of the
     # chunk boundaries from `kill_after` on. At exactly one of them, the rest must be the device's own greedy
-    # continuation of that prefix (no text lost, none repeated).
+    # continuation of that prefix (no text lost, none repeated), within what the prefix left of max_tokens (the
+    # router counts the prefix with the device's tokenizer, at least one token per chunk).
     matches = []
     for k in range(kill_after, len(pieces)):
         prefix = "".join(pieces[:k])
-        cont = answer(device_model, [*HELLO, {"role": "assistant", "content": prefix}], max_tokens,
+        left = max_tokens - max(k, len(device_model.tokenizer.encode(prefix)))
+        cont = answer(device_model, [*HELLO, {"role": "assistant", "content": prefix}], left,
                       add_generation_prompt=False, continue_final_message=True)
         if cont and received == prefix + cont:
             matches.append(k)

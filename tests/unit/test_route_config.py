@@ -300,3 +300,53 @@ def test_a_refused_continuation_moves_on():
     c = Scripted("c", [chunk("lo", finish="stop")])
     out = run(Router(RouteConfig([a.config, b.config, c.config]), [a, b, c]), BODY)
     assert out[-1]["qwenkit_backends"] == ["a", "c"]
+
+
+def test_continuation_gets_what_is_left_of_max_tokens():
+    def cut() -> list:
+        return [chunk(role=True), chunk("Hel"), chunk("lo"), chunk(" w"), BackendError("a", "lost")]
+
+    # No tokenizer in this process: each streamed chunk with text counts as one token (3 here).
+    for key in ("max_tokens", "max_completion_tokens"):
+        a, b = Scripted("a", cut()), Scripted("b", [chunk("orld", finish="stop")])
+        out = run(Router(RouteConfig([a.config, b.config]), [a, b]), {**BODY, key: 10})
+        assert b.requests[0][key] == 7 and out[-1]["choices"][0]["finish_reason"] == "stop"
+    # max_completion_tokens wins over max_tokens (as in the server); both fields carry what is left
+    a, b = Scripted("a", cut()), Scripted("b", [chunk("orld", finish="stop")])
+    run(Router(RouteConfig([a.config, b.config]), [a, b]), {**BODY, "max_tokens": 100, "max_completion_tokens": 5})
+    assert (b.requests[0]["max_tokens"], b.requests[0]["max_completion_tokens"]) == (2, 2)
+
+    # With an on-device tokenizer, it counts the partial answer (here: one token per character, 7).
+    class Device(Scripted):
+        def token_counter(self):
+            return len
+
+    a, d = Scripted("a", cut()), Device("d", [chunk("orld", finish="stop")], remote=False)
+    run(Router(RouteConfig([a.config, d.config]), [a, d]), {**BODY, "max_tokens": 10})
+    assert d.requests[0]["max_tokens"] == 3
+
+    # Nothing left: the answer ends with finish_reason "length", and the next backend is not called.
+    a, b = Scripted("a", cut()), Scripted("b", [chunk("never", finish="stop")])
+    out = run(Router(RouteConfig([a.config, b.config]), [a, b]), {**BODY, "max_tokens": 3})
+    assert not b.requests
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in out if c["choices"]) == "Hello w"
+    assert out[-1]["choices"][0]["finish_reason"] == "length" and out[-1]["qwenkit_backends"] == ["a"]
+    # ... also when there is no next backend at all, and for a whole (non-streamed) completion
+    a = Scripted("a", cut())
+    result, served = asyncio.run(Router(RouteConfig([a.config]), [a]).complete({**BODY, "max_tokens": 2}))
+    assert result["choices"][0]["finish_reason"] == "length" and served == ["a"]
+    assert result["choices"][0]["message"]["content"] == "Hello w"
+
+
+def test_native_backend_counts_tokens_once_loaded(tiny_model):
+    from qwenkit.route.backends import NativeBackend
+
+    b = NativeBackend(BackendConfig(name="d", type="native", model="tiny"), loader=lambda: tiny_model)
+    assert b.token_counter() is None  # not loaded: the router counts chunks
+    asyncio.run(b.start())
+    try:
+        assert b.wait_loaded(60)
+        count = b.token_counter()
+        assert count("Hello, world") == len(tiny_model.tokenizer.encode("Hello, world")) and count("") == 0
+    finally:
+        asyncio.run(b.close())
