@@ -136,9 +136,9 @@ class Engine:
         )
         self._incoming: queue.SimpleQueue[RequestStream] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._stopping = False
+        self._stopping = False  # no new requests
+        self._stopped = False  # the worker leaves its loop
         self._thread: threading.Thread | None = None
-        self._waiting = 0  # submitted, not yet finished or running (the bounded queue)
         self._lock = threading.Lock()
 
     # ---- public --------------------------------------------------------------------------------------------------
@@ -184,7 +184,10 @@ class Engine:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.scheduler.fail_all(EngineStopped("the server stopped before this request finished"))
+        error = EngineStopped("the server stopped before this request finished")
+        while not self._incoming.empty():  # submitted but never picked up by the worker: they must not hang
+            self._incoming.get().put(error)
+        self.scheduler.fail_all(error)
 
     # ---- the worker thread ---------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -195,7 +198,6 @@ class Engine:
 
         from qwenkit.quant.linear import batch_invariant
 
-        self._stopped = False
         with torch.inference_mode(), batch_invariant():  # a request's tokens must not depend on its neighbours
             while not self._stopped:
                 while not self._incoming.empty():

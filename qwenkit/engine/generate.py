@@ -78,11 +78,6 @@ def stream_responses(
             yield step
         if out.stopped:
             break
-    last = out.finish()
-    prefill = max(timings.prefill_done - timings.started, 1e-9)
-    last.prompt_tps = len(prompt_ids) / prefill
-    last.time_to_first_token = prefill
-    if out.count > 1:
-        last.generation_tps = (out.count - 1) / max(timings.last_token - timings.prefill_done, 1e-9)
+    last = out.finish(timings.started, timings.prefill_done, timings.last_token)
     last.peak_memory_gb = peak_memory_gb()
     yield last

@@ -45,19 +45,23 @@ class OutputProcessor:
         self.stopped = self.stops.stopped
         return step
 
-    def finish(self, finish_reason: str | None = None) -> Response:
-        """The last Response: held-back text, finish_reason ("stop", "length", "tool_calls" or the one given) and
-        usage. Without a reason, a stop makes it "stop" and anything else "length"."""
+    def finish(self, started: float, first_token: float, last_token: float) -> Response:
+        """The last Response: held-back text, finish_reason ("stop", "length" or "tool_calls"), usage and speeds
+        from the times (one clock) the request started, its first token came and its last token came."""
         last = Response()
         if not self.stops.stopped:
             self._apply(last, self.stops.push(self.decoder.flush()) + self.stops.flush(), None)
         if self.parser is not None:
             _collect(last, self.parser.finish())
-        reason = finish_reason or ("stop" if self.stopped else "length")
+        reason = "stop" if self.stopped else "length"
         if reason == "stop" and (self.saw_calls or last.tool_calls):
             reason = "tool_calls"
         last.finish_reason = reason
         last.usage = Usage(self.prompt_tokens, self.count)
+        last.time_to_first_token = first_token - started
+        last.prompt_tps = self.prompt_tokens / max(first_token - started, 1e-9)
+        if self.count > 1:
+            last.generation_tps = (self.count - 1) / max(last_token - first_token, 1e-9)
         return last
 
     def _apply(self, step: Response, text: str, token: int | None) -> None:

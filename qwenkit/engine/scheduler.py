@@ -77,7 +77,8 @@ class Scheduler:
             stream.put(ContextTooLong(f"prompt is {prompt} tokens; this server's limit is {self.max_model_len}"))
             return
         if -(-(prompt + 1) // self.block_size) > self.pool.num_blocks:
-            stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {self.pool.num_blocks * self.block_size}"))
+            held = self.pool.num_blocks * self.block_size
+            stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {held}"))
             return
         self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len))
 
@@ -153,8 +154,12 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
 
     def _decode_reserve(self) -> int:
-        """Blocks the running decoders will need within the next block_size steps (kept free when admitting)."""
-        return sum(1 for s in self.running if s.pending == 1 and s.computed % self.block_size == 0)
+        """Blocks the running decoders need for their next token (kept free when admitting)."""
+        return sum(1 for s in self.running if s.pending == 1 and self._needs_block(s))
+
+    def _needs_block(self, seq: Sequence) -> bool:
+        """Its next token falls past the blocks it holds."""
+        return seq.computed >= len(seq.blocks) * self.block_size
 
     def _plan(self) -> list[tuple[Sequence, int, int]]:
         """(sequence, first token, end token) to compute this step."""
@@ -175,7 +180,7 @@ class Scheduler:
 
     def _ensure_block(self, seq: Sequence) -> bool:
         """Room for one more token; may preempt younger requests. False if `seq` itself had to wait."""
-        if seq.computed < len(seq.blocks) * self.block_size:
+        if not self._needs_block(seq):
             return True
         while self.pool.available == 0:
             victim = self.running[-1]
@@ -237,12 +242,7 @@ class Scheduler:
     def _finish(self, seq: Sequence) -> None:
         from qwenkit.engine.engine import _DONE
 
-        last = seq.output.finish()
-        submitted = seq.stream.submitted
-        last.time_to_first_token = seq.first_token_at - submitted
-        if seq.output.count > 1:
-            last.generation_tps = (seq.output.count - 1) / max(seq.last_token_at - seq.first_token_at, 1e-9)
-        last.prompt_tps = seq.prompt_len / max(seq.first_token_at - submitted, 1e-9)
+        last = seq.output.finish(seq.stream.submitted, seq.first_token_at, seq.last_token_at)
         self._drop(seq)
         seq.stream.put(last)
         seq.stream.put(_DONE)

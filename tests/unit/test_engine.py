@@ -156,3 +156,11 @@ def test_prompt_longer_than_the_limit_is_refused(tok):
             list(engine.submit(greedy(list(range(20)))))
 
 
+
+
+def test_shutdown_fails_requests_the_worker_never_picked_up(tok):
+    engine = Engine(tiny_model("qwen2"), tok, block_size=4)  # never started: the request stays in the hand-over queue
+    stream = engine.submit(greedy(tok.encode(PROMPTS[0])))
+    engine.shutdown(drain=False)
+    with pytest.raises(EngineStopped):
+        list(stream)
