@@ -50,10 +50,11 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 class Guard:
-    """Pure ASGI middleware (streaming-safe, unlike BaseHTTPMiddleware): API key, declared body size, and the
-    per-path request counter. Bodies sent without a Content-Length are capped while they are read (read_json)."""
+    """Pure ASGI middleware (streaming-safe, unlike BaseHTTPMiddleware): API key, declared body size, and (given
+    metrics) the per-path request counter. Bodies sent without a Content-Length are capped while they are read
+    (read_body)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics: Metrics | None = None):
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
@@ -78,7 +79,8 @@ class Guard:
             else:
                 await self.app(scope, receive, counted_send)
         finally:
-            self.metrics.http.labels(path if path in KNOWN_PATHS else "other", str(status)).inc()
+            if self.metrics is not None:
+                self.metrics.http.labels(path if path in KNOWN_PATHS else "other", str(status)).inc()
 
     def _check(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -92,8 +94,23 @@ class Guard:
                                 "invalid_request_error", None, "invalid_api_key")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return APIError(413, f"request body is larger than {self.max_body} bytes", code="request_too_large")
+            return too_large(self.max_body)
         return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes (Guard refuses a declared Content-Length
+    over it; this catches bodies sent without one)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
 
 
 class SSEResponse(StreamingResponse):
@@ -171,17 +188,8 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{config.name}'",
                            "not_found_error", "model", "model_not_found")
 
-    async def read_body(request: Request) -> bytes:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:  # a body sent without Content-Length
-                raise APIError(413, f"request body is larger than {config.max_body_bytes} bytes",
-                               code="request_too_large")
-        return bytes(body)
-
     async def read(request: Request, model: type[BaseModel], raw: bytes | None = None) -> Any:
-        raw = await read_body(request) if raw is None else raw
+        raw = await read_body(request, config.max_body_bytes) if raw is None else raw
         try:
             parsed = model.model_validate_json(raw)
         except ValidationError as e:
@@ -265,7 +273,7 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
 
     async def read_any(request: Request, models: tuple[type[BaseModel], ...]) -> Any:
         """/tokenize takes either shape: messages (chat) or prompt (completion), told apart by the field."""
-        raw = await read_body(request)
+        raw = await read_body(request, config.max_body_bytes)
         try:
             shape = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):

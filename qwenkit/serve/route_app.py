@@ -8,7 +8,6 @@ happen); the last chunk's (or the whole response's) `qwenkit_backends` field nam
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,7 +18,8 @@ from fastapi.responses import JSONResponse, Response
 
 from qwenkit.route.backends import BackendRejected
 from qwenkit.route.router import AllBackendsFailed, Router
-from qwenkit.serve.app import SSEResponse, sse
+from qwenkit.serve.app import Guard, SSEResponse, error_response, read_body, sse
+from qwenkit.serve.errors import APIError
 
 log = logging.getLogger("qwenkit.serve")
 
@@ -27,7 +27,7 @@ BACKENDS_HEADER = "x-qwenkit-backends"
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return error_response(APIError(status, message, kind, None, code))
 
 
 def create_route_app(router: Router, api_key: str | None = None, max_body_bytes: int = 4 << 20) -> FastAPI:
@@ -41,12 +41,7 @@ def create_route_app(router: Router, api_key: str | None = None, max_body_bytes:
 
     app = FastAPI(title="qwenkit router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = router
-
-    def authorized(request: Request) -> bool:
-        if not api_key:
-            return True
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        return hmac.compare_digest(given.strip().encode(), api_key.encode()) and scheme.lower() == "bearer"
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)  # the key and the body cap, as serve
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -57,8 +52,6 @@ def create_route_app(router: Router, api_key: str | None = None, max_body_bytes:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        if not authorized(request):
-            return _error(401, "invalid or missing API key", code="invalid_api_key")
         names = [router.config.served_model_name]
         for b in router.config.backends:
             names += [a for a in b.aliases if a not in names]
@@ -67,11 +60,10 @@ def create_route_app(router: Router, api_key: str | None = None, max_body_bytes:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "invalid or missing API key", code="invalid_api_key")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            return _error(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        try:
+            raw = await read_body(request, max_body_bytes)
+        except APIError as e:
+            return error_response(e)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
