@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenkit.route.config import RouteConfig, load_route
+from qwenkit.route.config import RouteConfig
 from qwenkit.route.router import Router
 
 
@@ -26,8 +26,10 @@ class Client:
     def __init__(self, route: str | Path | RouteConfig | Router):
         if isinstance(route, Router):
             self.router = route
+        elif isinstance(route, RouteConfig):
+            self.router = Router(route)
         else:
-            self.router = Router(route if isinstance(route, RouteConfig) else load_route(route))
+            self.router = Router.from_file(str(route))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qwenkit-client", daemon=True)
         self._thread.start()
