@@ -12,6 +12,7 @@ nobody references any more stays cached (evictable, least recently used first) u
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -23,7 +24,7 @@ from qwenkit.model.config import ModelConfig
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     """Identity of a full block: its tokens and, through the parent's hash, every token before it."""
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    h.update(array("q", tokens).tobytes())
     return h.digest()
 
 
