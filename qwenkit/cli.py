@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds SIGTERM waits for requests in flight (default: 300)")
     srv.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
     _quant_arg(srv)
+
+    from qwenkit.apps.assistant.cli import add_arguments
+
+    add_arguments(sub.add_parser("assistant", help="a tool-using assistant: directions, places, weather, web search, "
+                                 "drafts and MCP tools"))
     return parser
 
 
@@ -239,8 +244,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, verbose=args.verbose)
 
 
+def cmd_assistant(args: argparse.Namespace) -> int:
+    from qwenkit.apps.assistant.cli import run
+
+    return run(args)
+
+
 VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
-         "serve": cmd_serve}
+         "serve": cmd_serve, "assistant": cmd_assistant}
 
 if __name__ == "__main__":
     sys.exit(main())

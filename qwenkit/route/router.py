@@ -16,7 +16,6 @@ names of the backends that served it, in order.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 import uuid
@@ -241,7 +240,7 @@ class Router:
                                 content += delta.get("content") or ""
                                 reasoning += delta.get("reasoning_content") or ""
                                 for call in delta.get("tool_calls") or []:
-                                    _merge_call(calls, call)
+                                    merge_call_delta(calls, call)
                             if not progressed and (delta.get("content") or delta.get("reasoning_content")
                                                    or delta.get("tool_calls")):
                                 progressed = True
@@ -303,7 +302,7 @@ class Router:
         raise AllBackendsFailed(attempts)
 
 
-def _merge_call(calls: dict[int, dict], delta: dict) -> None:
+def merge_call_delta(calls: dict[int, dict], delta: dict) -> None:
     """Fold one streamed tool-call delta into the calls so far (servers that stream arguments send pieces)."""
     i = delta.get("index", 0)
     fn = delta.get("function") or {}
@@ -339,10 +338,7 @@ class _Accumulator:
             msg["content"] += delta.get("content") or ""
             msg["reasoning"] += delta.get("reasoning_content") or ""
             for call in delta.get("tool_calls") or []:
-                have = msg["calls"].setdefault(call.get("index", 0), copy.deepcopy(call))
-                if have is not call and call.get("function", {}).get("arguments"):
-                    fn = have.setdefault("function", {})
-                    fn["arguments"] = (fn.get("arguments") or "") + call["function"]["arguments"]
+                merge_call_delta(msg["calls"], call)
             if c.get("finish_reason") is not None:
                 msg["finish_reason"] = c["finish_reason"]
 
@@ -350,7 +346,7 @@ class _Accumulator:
         choices = []
         for i in sorted(self.choices):
             m = self.choices[i]
-            calls = [{k: v for k, v in c.items() if k != "index"} for _, c in sorted(m["calls"].items())]
+            calls = [c for _, c in sorted(m["calls"].items())]
             message = {"role": "assistant", "content": m["content"] if m["content"] or not calls else None,
                        "reasoning_content": m["reasoning"] or None}
             if calls:
