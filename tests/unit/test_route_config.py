@@ -350,3 +350,21 @@ def test_native_backend_counts_tokens_once_loaded(tiny_model):
         assert count("Hello, world") == len(tiny_model.tokenizer.encode("Hello, world")) and count("") == 0
     finally:
         asyncio.run(b.close())
+
+
+def test_a_non_streamed_answer_keeps_each_tool_call_once():
+    """A backend that sends a call's name and whole arguments in one delta (qwenkit serve does) must not have its
+    arguments doubled when the router folds the stream into one chat.completion."""
+    from qwenkit.route.router import _Accumulator
+
+    acc = _Accumulator()
+    acc.add({"id": "c1", "created": 1, "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_0", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"location": "Hangzhou"}'}}]}}]})
+    acc.add({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 1, "id": "call_1", "type": "function", "function": {"name": "web_search", "arguments": '{"q'}}]}}]})
+    acc.add({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 1, "function": {"arguments": '": "x"}'}}]}, "finish_reason": "tool_calls"}]})
+    calls = acc.result()["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("call_0", "get_weather", '{"location": "Hangzhou"}'), ("call_1", "web_search", '{"q": "x"}')]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +114,8 @@ class Agent:
         self.max_steps, self.confirm, self.tool_timeout = max_steps, confirm, tool_timeout
         self.params = {**({"model": model} if model else {}), "max_tokens": 1024, **sampling}
         self.drafts = drafts if drafts is not None else []
-        today = datetime.date.today().isoformat()
+        # QWENKIT_TODAY pins the date the prompt states, so that a recorded session replays token for token.
+        today = os.environ.get("QWENKIT_TODAY") or datetime.date.today().isoformat()
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system.format(today=today)}] if system \
             else []
         self.trace: list[dict[str, Any]] = []
