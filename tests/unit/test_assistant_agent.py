@@ -155,6 +155,16 @@ def test_calls_written_as_plain_json_are_taken_and_not_shown_as_text():
     # prose that quotes a call is an answer, and JSON that names no tool is an answer too
     assert salvage_calls('To do it, send {"name": "a", "arguments": {}}', {"a"}) == []
     assert salvage_calls('{"answer": 42}', {"a"}) == []
+    assert salvage_calls('{"name": "Li Wei", "age": 3}', {"a"}) == []
+
+
+def test_a_call_to_a_tool_that_does_not_exist_gets_the_list_of_tools():
+    chat = ScriptedChat('{"name": "send_text", "arguments": {"q": "hi"}}', '{"name": "a", "arguments": {"q": "hi"}}',
+                        "Sent as a draft.")
+    result = Agent(chat, [slow_tool("a", 0)], system=None).ask("x")
+    assert [c["name"] for c in result.calls] == ["send_text", "a"]
+    assert "there is no tool called 'send_text'; the tools are: a" in result.trace[2]["text"]
+    assert result.answer == "Sent as a draft."
 
 
 def test_after_results_a_plain_json_model_gets_its_first_new_call_then_answers():

@@ -3,7 +3,8 @@
 Qwen2.5-Coder-0.5B, asked with tools, answers `{"name": "get_weather", "arguments": {"location": "Hangzhou"}}`
 (sometimes in a ```json fence, sometimes one call per line, sometimes one closing brace short) as its content. A
 reply that *starts* with such an object is taken as calls to the declared tools; prose that merely quotes an example
-is left alone. Objects that are not calls (a model imagining the tool's answer) are dropped.
+is left alone. Objects that are not calls (a model imagining the tool's answer) are dropped; an object with a name and
+an arguments object is a call even when the name is no tool's, so the model hears which tools there are.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _as_call(item: Any, tool_names: set[str]) -> dict[str, Any] | None:
     if isinstance(item.get("function"), dict):  # {"type": "function", "function": {...}}
         item = item["function"]
     name = item.get("name")
-    if name not in tool_names:
+    # A call to a tool that does not exist ({"name": "send_text", "arguments": {...}}) is still a call: the agent
+    # answers it with the list of real tools, and the model gets to pick one.
+    if not isinstance(name, str) or (name not in tool_names and not isinstance(item.get("arguments"), dict)):
         return None
     arguments = item.get("arguments", item.get("parameters", {}))
     if isinstance(arguments, str):

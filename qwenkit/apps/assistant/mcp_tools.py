@@ -40,9 +40,9 @@ class MCPConnection:
         return StdioServerParameters(command=argv[0], args=argv[1:], env=self.env)
 
     async def _hold(self, ready: asyncio.Future) -> None:
-        from mcp import Client
-
         try:
+            from mcp import Client
+
             async with Client(self._server(), read_timeout_seconds=self.timeout) as client:
                 self._client, self._stop = client, asyncio.Event()
                 ready.set_result(None)
