@@ -159,7 +159,7 @@ def test_calls_written_as_plain_json_are_taken_and_not_shown_as_text():
 
 
 def test_a_call_to_a_tool_that_does_not_exist_gets_the_list_of_tools():
-    chat = ScriptedChat('{"name": "send_text", "arguments": {"q": "hi"}}', '{"name": "a", "arguments": {"q": "hi"}}',
+    chat = ScriptedChat('{"name": "send_text", "arguments": {"message": "hi"}}', '{"name": "a", "arguments": {"q": "hi"}}',
                         "Sent as a draft.")
     result = Agent(chat, [slow_tool("a", 0)], system=None).ask("x")
     assert [c["name"] for c in result.calls] == ["send_text", "a"]
@@ -252,3 +252,17 @@ def test_mcp_servers_that_cannot_start_or_be_reached_fail_clearly():
     with pytest.raises(QwenkitError, match="cannot connect to MCP server http://127.0.0.1:9/mcp: ConnectError"):
         MCPConnection("http://127.0.0.1:9/mcp", connect_timeout=5).start()
     assert threading.active_count() < 50
+
+
+def test_a_text_call_under_an_invented_name_goes_to_the_one_tool_its_arguments_fit():
+    draft = Tool("draft_message", "d", {"type": "object", "properties": {"to": {"type": "string"}, "text": {
+        "type": "string"}}, "required": ["to", "text"]}, lambda a: f"draft to {a['to']}")
+    chat = ScriptedChat('{"name": "prepare_message", "arguments": {"to": "Tom", "text": "thanks"}}', "Drafted.")
+    result = Agent(chat, [draft, slow_tool("a", 0)], system=None).ask("x")
+    (call,) = result.calls
+    assert call["name"] == "draft_message" and call["renamed_from"] == "prepare_message"
+    assert result.trace[2]["text"] == "draft to Tom"
+    # arguments that fit no tool (or several) keep the invented name, and the model hears the tool list
+    chat = ScriptedChat('{"name": "meeting_time", "arguments": {"time": "3 pm"}}', "Sorry.")
+    result = Agent(chat, [draft, slow_tool("a", 0)], system=None).ask("x")
+    assert result.calls[0]["name"] == "meeting_time" and "there is no tool" in result.trace[2]["text"]

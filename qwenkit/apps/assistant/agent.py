@@ -61,6 +61,7 @@ class Event:
     call_id: str | None = None
     error: bool = False
     seconds: float | None = None
+    renamed_from: str | None = None  # a text call under an invented name, matched to this tool by its arguments
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, "", False) or k == "kind"}
@@ -235,12 +236,23 @@ class Agent:
                      pending: dict[int, dict], shown: int) -> None:
         reply.calls = _unique([self._parse_call(c["function"]) for _, c in sorted(pending.items())])
         if not reply.calls and tools is not None:
-            reply.calls = _unique(salvage_calls(reply.content, set(self.tools)))
+            reply.calls = _unique([self._rename(c) for c in salvage_calls(reply.content, set(self.tools))])
             reply.salvaged = bool(reply.calls)
         reply.unshown = "" if reply.calls else reply.content[shown:]
         self.trace.append({"kind": "model", "step": step, "seconds": round(time.monotonic() - start, 3),
                            "backends": reply.backends, "content": reply.content, "reasoning": reply.reasoning,
                            "calls": reply.calls, "calls_from_text": reply.salvaged, "tools_offered": bool(tools)})
+
+    def _rename(self, call: dict[str, Any]) -> dict[str, Any]:
+        """A text call under an invented name ("prepare_message") whose arguments fit exactly one real tool's
+        schema (every required property given, nothing it does not declare) is a call to that tool; the trace
+        keeps the name the model wrote."""
+        if call["name"] in self.tools or not isinstance(call["arguments"], dict):
+            return call
+        fits = [t for t in self.tools.values() if t.fits(call["arguments"])]
+        if len(fits) != 1:
+            return call
+        return {"name": fits[0].name, "arguments": call["arguments"], "renamed_from": call["name"]}
 
     @staticmethod
     def _parse_call(fn: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +277,8 @@ class Agent:
         runnable: list[tuple[str, Tool, dict[str, Any]]] = []
         for call, entry in zip(calls, entries):
             cid, name, args = entry["id"], call["name"], call["arguments"]
-            yield self._record(Event("tool_call", step=step, name=name, arguments=args, call_id=cid))
+            yield self._record(Event("tool_call", step=step, name=name, arguments=args, call_id=cid,
+                                     renamed_from=call.get("renamed_from")))
             key = call_key(name, args)
             if key in results:
                 outcomes[cid] = ("You already made this call; its result is unchanged: " + results[key], False, 0.0)

@@ -39,6 +39,19 @@ class Tool:
         return {"type": "function",
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
+    def fits(self, arguments: dict[str, Any]) -> bool:
+        """Whether these arguments name only properties this tool declares and all it requires, and pass its
+        schema: how a call under a wrong name is matched to the tool it meant."""
+        declared = set(self.parameters.get("properties", {}))
+        required = set(self.parameters.get("required", []))
+        if not arguments or not required <= set(arguments) <= declared:
+            return False
+        try:
+            self.check(arguments)
+        except ToolError:
+            return False
+        return True
+
     def check(self, arguments: Any) -> None:
         """Raise ToolError naming the first problem when the arguments do not fit the schema."""
         if not isinstance(arguments, dict):

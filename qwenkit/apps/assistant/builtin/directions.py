@@ -63,7 +63,7 @@ def directions_tool(osrm: Service, geocoder: Geocoder) -> Tool:
 
     return Tool(
         name="get_directions",
-        description="Route between two places: distance, travel time and turn-by-turn steps.",
+        description="Directions from a start place to an end place: distance, travel time and turn-by-turn steps.",
         parameters={
             "type": "object",
             "properties": {

@@ -20,7 +20,8 @@ def draft_message_tool(drafts: list[dict[str, Any]]) -> Tool:
 
     return Tool(
         name="draft_message",
-        description="Write a draft message (SMS, email or chat) for the user to review and send. Never sends.",
+        description="Draft a text message, chat message or email to someone, for the user to review and send. "
+                    "Never sends.",
         parameters={
             "type": "object",
             "properties": {

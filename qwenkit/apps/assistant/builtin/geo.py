@@ -62,11 +62,12 @@ def search_places_tool(geocoder: Geocoder) -> Tool:
 
     return Tool(
         name="search_places",
-        description="Find places (addresses, shops, stations, landmarks) by name or kind, optionally near a place.",
+        description="Find where a place is on the map (a landmark, shop, station or address): its full address and "
+                    "coordinates. Optionally only near another place.",
         parameters={
             "type": "object",
             "properties": {
-                "query": {"type": "string", "description": "what to find, e.g. 'pharmacy' or 'Louvre'"},
+                "query": {"type": "string", "description": "what to find: a name, or a kind of place"},
                 "near": {"type": "string", "description": "a place name to search around"},
                 "limit": {"type": "integer", "minimum": 1, "maximum": 10},
             },

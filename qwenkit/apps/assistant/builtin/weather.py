@@ -45,7 +45,7 @@ def weather_tool(meteo: Service, geocoder: Geocoder) -> Tool:
         parameters={
             "type": "object",
             "properties": {
-                "location": {"type": "string", "description": "a place name, e.g. 'Salzburg'"},
+                "location": {"type": "string", "description": "a city or place name"},
                 "days": {"type": "integer", "minimum": 1, "maximum": 7, "description": "days of forecast"},
             },
             "required": ["location"],

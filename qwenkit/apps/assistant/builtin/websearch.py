@@ -26,7 +26,7 @@ def web_search_tool(searxng: Service) -> Tool:
 
     return Tool(
         name="web_search",
-        description="Search the web; returns titles, links and snippets of the top results.",
+        description="Search the web for facts, news, opening hours or how-tos; returns titles, links and snippets.",
         parameters={"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
         run=run,
     )
