@@ -1,0 +1,115 @@
+"""Our LoRA against PEFT on transformers' model of the same tiny random checkpoint.
+
+Tolerances: forward logits within 1e-4 (the same bar as the model parity tests: both sides do fp32 math in a
+different order, ~5e-6 apart here); loss within 1e-5; gradients of every lora_A / lora_B within 1e-5 absolute
+(they are about 1e-3..1e-1 here, so a wrong scaling or a transposed matrix is far outside). A merged model's
+logits within 1e-4 of base plus adapter (the merge changes the fp32 rounding order, ~1e-5 here).
+"""
+
+import pytest
+import torch
+
+from qwenkit.checkpoint.loader import load_weights
+from qwenkit.tune.lora import LoRAConfig, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from tests.tiny_models import build_transformers_model, save_transformers_model
+
+pytestmark = pytest.mark.peer
+peft = pytest.importorskip("peft")
+
+CFG = LoRAConfig(r=4, alpha=8.0)
+ARCHS = ["qwen2", "qwen3-headdim", "qwen2_moe-shared"]
+
+
+def batch(vocab: int, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt part without loss, as in assistant-only training
+    return ids, labels
+
+
+def loss_of(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = save_transformers_model(request.param, folder)
+    ours, _ = load_weights(folder)
+    apply_lora(ours, CFG, seed=0)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init, which would hide most mistakes
+        g = torch.Generator().manual_seed(1)
+        for m in lora_layers(ours).values():
+            m.lora_B.weight.normal_(0, 0.05, generator=g)
+    wrapped = peft.get_peft_model(reference, peft.LoraConfig(r=CFG.r, lora_alpha=CFG.alpha, lora_dropout=0.0,
+                                                             target_modules=CFG.target_modules))
+    with torch.no_grad():
+        for path, m in lora_layers(ours).items():
+            theirs = wrapped.base_model.model.get_submodule(path)
+            theirs.lora_A["default"].weight.copy_(m.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(m.lora_B.weight)
+    return request.param, folder, wrapped, ours
+
+
+def test_same_layers_are_adapted_as_peft(pair):
+    _, _, wrapped, ours = pair
+    theirs = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(lora_layers(ours)) == theirs
+
+
+def test_forward_loss_and_gradients_equal_peft(pair):
+    _, _, wrapped, ours = pair
+    ids, labels = batch(ours.config.vocab_size)
+    wrapped.train(), ours.train()
+    theirs_logits = wrapped(input_ids=ids).logits
+    our_logits = ours(ids)
+    assert (our_logits - theirs_logits).abs().max().item() < 1e-4
+    ours_loss, theirs_loss = loss_of(our_logits, labels), loss_of(theirs_logits, labels)
+    assert abs(ours_loss.item() - theirs_loss.item()) < 1e-5
+    ours_loss.backward()
+    theirs_loss.backward()
+    worst = 0.0
+    for path, m in lora_layers(ours).items():
+        t = wrapped.base_model.model.get_submodule(path)
+        for mine, other in ((m.lora_A.weight, t.lora_A["default"].weight), (m.lora_B.weight, t.lora_B["default"].weight)):
+            worst = max(worst, (mine.grad - other.grad).abs().max().item())
+    assert worst < 1e-5, f"largest gradient difference {worst:.2e}"
+    # only the adapter trains
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, _ in ours.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def test_saved_adapter_loads_in_peft_and_back_in_qwenkit(pair, tmp_path):
+    arch, folder, _, ours = pair
+    save_adapter(ours, CFG, tmp_path / "adapter", base_model=str(folder))
+    ids, _ = batch(ours.config.vocab_size, seed=3)
+    ours.eval()
+    with torch.no_grad():
+        expected = ours(ids)
+        fresh = build_transformers_model(arch)  # the same seeded weights as the saved checkpoint
+        theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+        assert (theirs(input_ids=ids).logits - expected).abs().max().item() < 1e-4
+        again, _ = load_weights(folder)
+        load_adapter(again, tmp_path / "adapter")
+        assert torch.equal(again(ids), expected)
+
+
+def test_merged_model_equals_base_plus_adapter(pair):
+    _, folder, _, ours = pair
+    merged, _ = load_weights(folder)
+    apply_lora(merged, CFG, seed=0)
+    with torch.no_grad():
+        for path, m in lora_layers(merged).items():
+            src = lora_layers(ours)[path]
+            m.lora_A.weight.copy_(src.lora_A.weight)
+            m.lora_B.weight.copy_(src.lora_B.weight)
+    ids, _ = batch(ours.config.vocab_size, seed=5)
+    with torch.no_grad():
+        expected = merged.eval()(ids)
+        merge_lora(merged)
+        assert not lora_layers(merged)
+        # W x + B(A x) s and (W + B A s) x round differently in fp32: 1e-4, as for the logits above
+        assert (merged(ids) - expected).abs().max().item() < 1e-4
