@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sub.add_parser("assistant", help="a tool-using assistant: directions, places, weather, web search, "
                                  "drafts and MCP tools"))
+
+    from qwenkit.tune.cli import add_arguments as tune_arguments
+
+    tune_arguments(sub.add_parser("tune", help="fine-tune a LoRA adapter on chat data (PEFT format)"))
     return parser
 
 
@@ -250,8 +254,14 @@ def cmd_assistant(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from qwenkit.tune.cli import run
+
+    return run(args)
+
+
 VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
-         "serve": cmd_serve, "assistant": cmd_assistant}
+         "serve": cmd_serve, "assistant": cmd_assistant, "tune": cmd_tune}
 
 if __name__ == "__main__":
     sys.exit(main())

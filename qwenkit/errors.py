@@ -57,3 +57,7 @@ class EngineStopped(QwenkitError):
 
 class BadConfig(QwenkitError):
     """A configuration file (a router's route.yaml) is invalid; the message names the file and line."""
+
+
+class BadData(QwenkitError):
+    """A training or evaluation data file has a line qwenkit cannot use; the message names the file and line."""

@@ -1,0 +1,212 @@
+"""The LoRA training loop: seeded, with gradient accumulation, eval loss, checkpoints and exact resume.
+
+One optimizer step consumes `grad_accum` micro-batches of `batch_size` examples. The order of examples is a seeded
+permutation per epoch, and the learning rate a pure function of the step (linear warmup, then linear decay to
+zero), so a run resumed from a checkpoint (adapter, AdamW moments, RNG state, step) continues exactly as the
+uninterrupted run would have. Examples in a micro-batch are right-padded: with causal attention, padding after a
+sequence cannot change it, and its labels carry no loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qwenkit.tune.data import IGNORE, Example
+from qwenkit.tune.lora import LoRAConfig, lora_layers, save_adapter
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (default: the epochs)
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+
+
+def micro_batches(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
+    """Example indices of every micro-batch of the whole run, in order."""
+    out = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        out += [order[i:i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+    return out
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+    return ids, labels
+
+
+def summed_loss(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token losses over every labelled token, and how many there were."""
+    ids, labels = collate(examples)
+    logits = model(ids)
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss, n = summed_loss(model, examples[i:i + batch_size])
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, lora: LoRAConfig, cfg: TrainConfig, train: list[Example],
+                 eval_examples: list[Example] | None, out: str | Path, base_model: str | None = None):
+        self.model, self.lora, self.cfg = model, lora, cfg
+        self.train_examples, self.eval_examples = train, eval_examples or []
+        self.out, self.base_model = Path(out), base_model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.batches = micro_batches(len(train), cfg)
+        steps = math.ceil(len(self.batches) / cfg.grad_accum)
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        self.step = 0
+        self.log: list[dict[str, Any]] = []
+
+    def lr_at(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        rest = max(self.total_steps - self.cfg.warmup_steps, 1)
+        return self.cfg.lr * max(0.0, 1 - (step - self.cfg.warmup_steps) / rest)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        if resume:
+            self._resume()
+        else:
+            torch.manual_seed(self.cfg.seed)
+        self.model.train()
+        first_eval = self._eval_entry() if self.step == 0 and self.eval_examples else None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, unit="step", desc="tune")
+        tokens, started = 0, time.monotonic()
+        while self.step < self.total_steps:
+            chunk = self.batches[self.step * self.cfg.grad_accum:(self.step + 1) * self.cfg.grad_accum]
+            groups = [[self.train_examples[i] for i in b] for b in chunk]
+            labelled = sum(sum(1 for lab in e.labels[1:] if lab != IGNORE) for g in groups for e in g)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for group in groups:  # accumulate: each micro-batch's share of the step's mean token loss
+                loss, _ = summed_loss(self.model, group)
+                (loss / max(labelled, 1)).backward()
+                total += loss.item()
+                tokens += sum(len(e.input_ids) for e in group)
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            self.optimizer.step()
+            self.step += 1
+            entry = {"step": self.step, "loss": round(total / max(labelled, 1), 5), "lr": self.lr_at(self.step - 1)}
+            self.log.append(entry)
+            speed = tokens / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{speed:.0f}")
+            bar.update(1)
+            if self.eval_examples and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
+                bar.write(f"step {self.step}: eval loss {self._eval_entry()['eval_loss']:.4f}")
+            if self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                self._checkpoint()
+        bar.close()
+        save_adapter(self.model, self.lora, self.out, self.base_model)
+        (self.out / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.log))
+        evals = [e for e in self.log if "eval_loss" in e]
+        losses = [e["loss"] for e in self.log if "loss" in e]
+        return {"steps": self.step, "train_tokens_per_s": round(tokens / max(time.monotonic() - started, 1e-9), 1),
+                "first_eval_loss": (first_eval or (evals[0] if evals else {})).get("eval_loss"),
+                "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+                "final_train_loss": losses[-1] if losses else None}
+
+    def _eval_entry(self) -> dict[str, Any]:
+        entry = {"step": self.step, "eval_loss": round(evaluate(self.model, self.eval_examples,
+                                                                self.cfg.batch_size), 5)}
+        self.log.append(entry)
+        return entry
+
+    # ---- checkpoints (no pickle: tensors in safetensors, the rest in JSON) ------------------------------------
+    def _checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.out / f"checkpoint-{self.step}"
+        tmp = self.out / f".checkpoint-{self.step}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, self.lora, tmp, self.base_model)
+        state = self.optimizer.state_dict()
+        tensors = {"rng": torch.get_rng_state()}
+        for idx, s in state["state"].items():
+            for name, value in s.items():
+                tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            "step": self.step, "param_groups": state["param_groups"], "log": self.log,
+            "train": asdict(self.cfg), "lora": asdict(self.lora)}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint exists whole or not at all: a kill while writing leaves only .partial
+        for old in sorted(self._checkpoints())[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old[1], ignore_errors=True)
+        return final
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for p in self.out.glob("checkpoint-*"):
+            if p.is_dir() and (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit():
+                found.append((int(p.name.split("-")[-1]), p))
+        return found
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        from qwenkit.errors import BadCheckpoint
+
+        found = self._checkpoints()
+        if not found:
+            raise BadCheckpoint(f"{self.out}: no checkpoint to resume from")
+        _, path = max(found)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["train"] != asdict(self.cfg) or state["lora"] != asdict(self.lora):
+            raise BadCheckpoint(f"{path}: the checkpoint was made with other training settings; resume with the same "
+                                "flags (or start a new --out)")
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+        with torch.no_grad():
+            for name, m in lora_layers(self.model).items():
+                m.lora_A.weight.copy_(adapter[f"base_model.model.{name}.lora_A.weight"])
+                m.lora_B.weight.copy_(adapter[f"base_model.model.{name}.lora_B.weight"])
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
+        self.step, self.log = state["step"], state["log"]
