@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qwenkit.tune.cli import add_arguments as tune_arguments
 
     tune_arguments(sub.add_parser("tune", help="fine-tune a LoRA adapter on chat data (PEFT format)"))
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model (a Hugging Face folder)")
+    merge.add_argument("base", help="the base model's Hugging Face folder")
+    merge.add_argument("adapter", help="the adapter folder (qwenkit tune's or peft's)")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
     return parser
 
 
@@ -260,8 +264,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qwenkit.tune.merge import merge_to_folder
+
+    print(merge_to_folder(Path(args.base), Path(args.adapter), Path(args.out)))
+    return 0
+
+
 VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
-         "serve": cmd_serve, "assistant": cmd_assistant, "tune": cmd_tune}
+         "serve": cmd_serve, "assistant": cmd_assistant, "tune": cmd_tune,
+         "merge": cmd_merge}
 
 if __name__ == "__main__":
     sys.exit(main())

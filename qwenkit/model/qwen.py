@@ -87,6 +87,8 @@ class Attention(nn.Module):
         mask = masks.get(self.window)
         if t == 1 and mask is None:
             out = decode_attention(q, k, v)
+        elif cache is None and self.window is None:  # a whole sequence at once (training, scoring): plain causal
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=False, enable_gqa=self.n_kv != self.n_heads

@@ -113,3 +113,24 @@ def test_merged_model_equals_base_plus_adapter(pair):
         assert not lora_layers(merged)
         # W x + B(A x) s and (W + B A s) x round differently in fp32: 1e-4, as for the logits above
         assert (merged(ids) - expected).abs().max().item() < 1e-4
+
+
+def test_qwenkit_merge_writes_a_folder_transformers_loads_as_base_plus_adapter(pair, tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    arch, folder, _, ours = pair
+    save_adapter(ours, CFG, tmp_path / "adapter", base_model=str(folder))
+    cmd = [sys.executable, "-m", "qwenkit", "merge", str(folder), str(tmp_path / "adapter"), "--out",
+           str(tmp_path / "merged")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if arch.endswith("moe-shared"):
+        assert proc.returncode == 1 and "mixture-of-experts" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    ids, _ = batch(ours.config.vocab_size, seed=9)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        assert (merged(input_ids=ids).logits - ours.eval()(ids)).abs().max().item() < 1e-4
