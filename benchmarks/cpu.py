@@ -493,7 +493,7 @@ def build_random_gguf(qtype: str, dest: Path, seed: int) -> None:
     from qwenkit.checkpoint.gguf import GGUFFile
     from qwenkit.checkpoint.loader import empty_model
     from qwenkit.model.config import ModelConfig
-    from tests.gguf_export import write_gguf
+    from qwenkit.checkpoint.gguf_write import write_gguf
 
     source = GGUFFile(hub.pull(DEFAULT_MODEL))
     meta = {}

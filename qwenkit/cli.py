@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("base", help="the base model's Hugging Face folder")
     merge.add_argument("adapter", help="the adapter folder (qwenkit tune's or peft's)")
     merge.add_argument("--out", required=True, help="folder for the merged model")
+    export = sub.add_parser("export", help="write a model (with an adapter folded in) as a GGUF file")
+    export.add_argument("model", help="short name, Hugging Face id, or path to .gguf / folder")
+    export.add_argument("--gguf", required=True, metavar="OUT", help="the GGUF file to write")
+    export.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default f16)")
+    export.add_argument("--adapter", help="a LoRA adapter folder to merge first")
     return parser
 
 
@@ -273,9 +278,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qwenkit import hub
+    from qwenkit.tune.export import export_gguf
+
+    adapter = Path(args.adapter) if args.adapter else None
+    print(export_gguf(hub.resolve(args.model), Path(args.gguf), args.type, adapter, progress=sys.stderr.isatty()))
+    return 0
+
+
 VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
          "serve": cmd_serve, "assistant": cmd_assistant, "tune": cmd_tune,
-         "merge": cmd_merge}
+         "merge": cmd_merge, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

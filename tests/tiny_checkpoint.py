@@ -278,7 +278,7 @@ def tiny_gguf(
     qtype: a gguf.GGMLQuantizationType for the 2-D/3-D weights (None: F32). Rows must be whole blocks: Q8_0/Q4_0
     work for every shape except qwen2_moe (its shared expert's 48-wide down_proj); the 256-wide K-quants fit none.
     """
-    from tests.gguf_export import write_gguf
+    from qwenkit.checkpoint.gguf_write import write_gguf
 
     dest = Path(dest)
     if dest.is_dir():

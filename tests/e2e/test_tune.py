@@ -118,3 +118,35 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tiny_hf_path, tmp_pa
     resumed = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("qtype, tolerance", [("f32", 0.0), ("f16", 2e-2), ("q8_0", 0.25)])
+def test_export_gguf_with_the_adapter_reloads_with_the_same_logits(tiny_hf_path, tmp_path, qtype, tolerance):
+    """F32 must be exact; F16 rounds each weight by 2^-11 relative (logits of about +-5 move by ~1e-2); Q8_0 keeps
+    the same greedy token where the top-two gap is clear."""
+    import qwenkit
+    from qwenkit.checkpoint.loader import load_weights
+    from qwenkit.tune.lora import LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+
+    model, _ = load_weights(tiny_hf_path)
+    apply_lora(model, LoRAConfig(r=4, alpha=8), seed=0)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    save_adapter(model, LoRAConfig(r=4, alpha=8), tmp_path / "adapter")
+    merge_lora(model)
+    out = tmp_path / f"tuned-{qtype}.gguf"
+    proc = subprocess.run([sys.executable, "-m", "qwenkit", "export", str(tiny_hf_path), "--gguf", str(out),
+                           "--type", qtype, "--adapter", str(tmp_path / "adapter")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = qwenkit.load(out, quant="none", pull=False)
+    original = qwenkit.load(tiny_hf_path, quant="none", pull=False)
+    text = "Hello, how are you? 你好 <|im_start|>user"
+    assert exported.tokenizer.encode(text) == original.tokenizer.encode(text)
+    assert exported.render([{"role": "user", "content": "hi"}]) == original.render([{"role": "user", "content": "hi"}])
+    ids = torch.tensor([original.tokenizer.encode(text)])
+    with torch.no_grad():
+        got, want = exported.model(ids), model.eval()(ids)
+    diff = (got - want).abs().max().item()
+    assert diff <= tolerance, f"max logit difference {diff:.3e}"

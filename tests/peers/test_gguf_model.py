@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwenkit.checkpoint.loader import load_weights
-from tests.gguf_export import write_gguf
+from qwenkit.checkpoint.gguf_write import write_gguf
 from tests.tiny_models import TINY_CONFIGS, save_transformers_model
 
 pytestmark = pytest.mark.peer

@@ -1,0 +1,37 @@
+"""`qwenkit export MODEL --gguf OUT [--type f32|f16|q8_0] [--adapter DIR]`: a model (with a tuned adapter folded in)
+as one GGUF file that llama.cpp, ollama and qwenkit load, tokenizer and chat template included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwenkit.errors import BadRequest
+
+TYPES = ("f32", "f16", "q8_0")
+
+
+def export_gguf(model_path: Path, out: Path, qtype: str = "f16", adapter: Path | None = None,
+                progress: bool = False) -> Path:
+    import gguf
+
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.checkpoint.gguf_write import tokenizer_metadata_from_gguf, tokenizer_metadata_from_hf, write_gguf
+    from qwenkit.tune.lora import load_adapter, merge_lora
+
+    if qtype not in TYPES:
+        raise BadRequest(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
+    checkpoint = open_checkpoint(model_path)
+    model = checkpoint.load_model()
+    if adapter is not None:
+        load_adapter(model, adapter)
+        merge_lora(model)
+    if checkpoint.kind == "gguf":
+        meta = tokenizer_metadata_from_gguf(checkpoint._gguf)
+    else:
+        meta = tokenizer_metadata_from_hf(Path(model_path), model.config.vocab_size)
+    kind = None if qtype == "f32" else gguf.GGMLQuantizationType[qtype.upper()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    write_gguf(model, partial, qtype=kind, tokenizer_meta=meta, progress=progress)
+    partial.replace(out)
+    return out
