@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qwenkit
+    from qwenkit.tune import distributed
     from qwenkit.tune.data import load_examples
     from qwenkit.tune.lora import LoRAConfig, apply_lora
     from qwenkit.tune.train import TrainConfig, Trainer
@@ -47,17 +48,26 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, seed=args.seed,
                       eval_every=args.eval_every, save_every=args.save_every)
+    dist = distributed.setup()
+    distributed.check_batch(args.batch_size, dist)
     model = qwenkit.load(args.model, threads=args.threads, quant="none")
     train, skipped = load_examples(model, args.data, args.max_len, args.on_bad_example, args.train_on)
     evals = []
     if args.eval:
         evals, eval_skipped = load_examples(model, args.eval, args.max_len, args.on_bad_example, args.train_on)
         skipped += eval_skipped
-    for s in skipped:
+    main = dist is None or dist.main
+    for s in skipped if main else []:
         print(f"qwenkit: skipped: {s.reason}", file=sys.stderr)
-    print(f"{len(train)} training examples" + (f", {len(evals)} eval examples" if evals else ""), file=sys.stderr)
+    if main:
+        print(f"{len(train)} training examples" + (f", {len(evals)} eval examples" if evals else "")
+              + (f", {dist.world} processes (FSDP)" if dist else ""), file=sys.stderr)
     apply_lora(model.model, lora, seed=args.seed)
-    trainer = Trainer(model.model, lora, cfg, train, evals, args.out, base_model=args.model)
+    if dist is not None:
+        distributed.shard(model.model, dist)
+    trainer = Trainer(model.model, lora, cfg, train, evals, args.out, base_model=args.model, dist=dist)
     summary = trainer.run(resume=args.resume, progress=sys.stderr.isatty())
-    print(json.dumps(summary))
+    distributed.finish(dist)
+    if main:
+        print(json.dumps(summary))
     return 0

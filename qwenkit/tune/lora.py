@@ -109,20 +109,26 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys."""
+    from qwenkit.tune.distributed import full
+
     out = {}
-    for path, m in lora_layers(model).items():
-        out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    for path, m in lora_layers(model).items():  # under FSDP every rank gathers, so every rank must call this
+        out[f"{PREFIX}{path}.lora_A.weight"] = full(m.lora_A.weight.detach()).contiguous()
+        out[f"{PREFIX}{path}.lora_B.weight"] = full(m.lora_B.weight.detach()).contiguous()
     return out
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | Path, base_model: str | None = None) -> Path:
-    """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained."""
+def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | Path, base_model: str | None = None,
+                 write: bool = True) -> Path:
+    """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained. Under FSDP
+    every rank calls this (to gather the tensors) and only the one with write=True writes."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
+    if not write:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     if not tensors:
         raise BadRequest("the model has no LoRA layers to save")
     targets = sorted({p.rsplit(".", 1)[-1] for p in lora_layers(model)})

@@ -87,8 +87,11 @@ def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int) -
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, lora: LoRAConfig, cfg: TrainConfig, train: list[Example],
-                 eval_examples: list[Example] | None, out: str | Path, base_model: str | None = None):
-        self.model, self.lora, self.cfg = model, lora, cfg
+                 eval_examples: list[Example] | None, out: str | Path, base_model: str | None = None,
+                 dist: Any = None):
+        """dist: a qwenkit.tune.distributed.Dist when torchrun started several processes (the model sharded)."""
+        self.model, self.lora, self.cfg, self.dist = model, lora, cfg, dist
+        self.main = dist is None or dist.main
         self.train_examples, self.eval_examples = train, eval_examples or []
         self.out, self.base_model = Path(out), base_model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -109,25 +112,38 @@ class Trainer:
     def run(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
         from tqdm import tqdm
 
+        if resume and self.dist is not None:
+            from qwenkit.errors import BadRequest
+
+            raise BadRequest("--resume is not supported under torchrun yet (checkpoints hold sharded optimizer state)")
         if resume:
             self._resume()
         else:
             torch.manual_seed(self.cfg.seed)
         self.model.train()
         first_eval = self._eval_entry() if self.step == 0 and self.eval_examples else None
+        progress = progress and self.main
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, unit="step", desc="tune")
         tokens, started, first_step = 0, time.monotonic(), self.step
         while self.step < self.total_steps:
             chunk = self.batches[self.step * self.cfg.grad_accum:(self.step + 1) * self.cfg.grad_accum]
             groups = [[self.train_examples[i] for i in b] for b in chunk]
             labelled = sum(sum(1 for lab in e.labels[1:] if lab != IGNORE) for g in groups for e in g)
+            world = self.dist.world if self.dist else 1
             self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            total = torch.zeros(())
             for group in groups:  # accumulate: each micro-batch's share of the step's mean token loss
-                loss, _ = summed_loss(self.model, group)
-                (loss / max(labelled, 1)).backward()
-                total += loss.item()
                 tokens += sum(len(e.input_ids) for e in group)
+                if self.dist:  # this rank's part of the micro-batch; FSDP averages gradients over the ranks
+                    group = group[self.dist.rank::world]
+                loss, _ = summed_loss(self.model, group)
+                (loss / max(labelled, 1) * world).backward()
+                total += loss.detach()
+            if self.dist:
+                import torch.distributed as dist
+
+                dist.all_reduce(total)
+            total = total.item()
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr_at(self.step)
             self.optimizer.step()
@@ -137,18 +153,22 @@ class Trainer:
             speed = tokens / max(time.monotonic() - started, 1e-9)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{speed:.0f}")
             bar.update(1)
-            if not progress and (self.step % max(1, self.total_steps // 20) == 0 or self.step == self.total_steps):
+            if self.main and not progress and (self.step % max(1, self.total_steps // 20) == 0
+                                               or self.step == self.total_steps):
                 # no terminal (a log file, CI): a line every 5% instead of the bar
                 left = (time.monotonic() - started) / max(self.step - first_step, 1) * (self.total_steps - self.step)
                 print(f"step {self.step}/{self.total_steps} loss {entry['loss']:.4f} {speed:.0f} tok/s "
                       f"eta {left:.0f} s", file=sys.stderr, flush=True)
             if self.eval_examples and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
-                bar.write(f"step {self.step}: eval loss {self._eval_entry()['eval_loss']:.4f}", file=sys.stderr)
-            if self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                loss = self._eval_entry()["eval_loss"]  # every rank evaluates (FSDP's forward is collective)
+                if self.main:
+                    bar.write(f"step {self.step}: eval loss {loss:.4f}", file=sys.stderr)
+            if self.step % self.cfg.save_every == 0 and self.step < self.total_steps and self.dist is None:
                 self._checkpoint()
         bar.close()
-        save_adapter(self.model, self.lora, self.out, self.base_model)
-        (self.out / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.log))
+        save_adapter(self.model, self.lora, self.out, self.base_model, write=self.main)
+        if self.main:
+            (self.out / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.log))
         evals = [e for e in self.log if "eval_loss" in e]
         losses = [e["loss"] for e in self.log if "loss" in e]
         return {"steps": self.step, "train_tokens_per_s": round(tokens / max(time.monotonic() - started, 1e-9), 1),

@@ -150,3 +150,25 @@ def test_export_gguf_with_the_adapter_reloads_with_the_same_logits(tiny_hf_path,
         got, want = exported.model(ids), model.eval()(ids)
     diff = (got - want).abs().max().item()
     assert diff <= tolerance, f"max logit difference {diff:.3e}"
+
+
+def test_torchrun_fsdp_on_two_processes_trains_the_same_adapter(tiny_hf_path, tmp_path):
+    """2 CPU processes on gloo, each with half of every micro-batch and half of the model's weights (FSDP2), give
+    the one-process adapter up to the order of the float sums (gradients are summed across ranks)."""
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task(32, seed=4))
+    flags = ["--max-steps", "6", "--save-every", "1000"]
+    tune(tiny_hf_path, tmp_path / "one", data, *flags)
+    from tests.e2e.test_serve import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "qwenkit", "tune", str(tiny_hf_path), "--data", str(data), "--out", str(tmp_path / "two"),
+           "--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "2", "--seed", "5",
+           "--threads", "1", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("2 processes (FSDP)") == 1  # rank 0 speaks for the run
+    one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-4, f"largest difference {worst:.2e}"
