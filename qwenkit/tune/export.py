@@ -16,15 +16,14 @@ def export_gguf(model_path: Path, out: Path, qtype: str = "f16", adapter: Path |
 
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.checkpoint.gguf_write import tokenizer_metadata_from_gguf, tokenizer_metadata_from_hf, write_gguf
-    from qwenkit.tune.lora import load_adapter, merge_lora
+    from qwenkit.tune.lora import merge_adapter
 
     if qtype not in TYPES:
         raise BadRequest(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
     checkpoint = open_checkpoint(model_path)
     model = checkpoint.load_model()
     if adapter is not None:
-        load_adapter(model, adapter)
-        merge_lora(model)
+        merge_adapter(model, adapter)
     if checkpoint.kind == "gguf":
         meta = tokenizer_metadata_from_gguf(checkpoint._gguf)
     else:

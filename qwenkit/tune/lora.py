@@ -90,7 +90,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> li
     lora_A's initialisation (the same seed gives the same adapter)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise BadRequest("the model already has LoRA layers (merge them or load a fresh model)")
-    if getattr(model, "quantized", False) or any(getattr(m, "qkv_proj", None) is not None for m in model.modules()):
+    if any(getattr(m, "qkv_proj", None) is not None for m in model.modules()):  # fused, so quantized
         raise BadRequest("LoRA needs the float model: load it with quant='none'")
     paths = _targets(model, cfg)
     if not paths:
@@ -170,19 +170,25 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     """Wrap `model` with the adapter in `folder` (ours or PEFT's): every tensor must match a layer, and every layer
     must get its tensors."""
+    cfg = read_adapter_config(folder)
+    apply_lora(model, cfg)
+    copy_adapter_weights(model, folder)
+    return cfg
+
+
+def copy_adapter_weights(model: nn.Module, folder: str | Path) -> None:
+    """Copy the adapter tensors in `folder` into the model's LoRA layers (already in place), checking that the two
+    match one to one, shapes included."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = read_adapter_config(folder)
     weights = Path(folder) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights))
     except (OSError, SafetensorError) as e:
         raise BadCheckpoint(f"{weights}: cannot read the adapter weights: {e}") from None
-    paths = apply_lora(model, cfg)
     expected = {}
-    for path in paths:
-        m = model.get_submodule(path)
+    for path, m in lora_layers(model).items():
         expected[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
         expected[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
     unknown = sorted(set(tensors) - set(expected))
@@ -197,10 +203,15 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
                 raise BadCheckpoint(f"{weights}: {key} has shape {tuple(t.shape)}, the model needs "
                                     f"{tuple(param.shape)}")
             param.copy_(t.to(param.dtype))
-    return cfg
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, leaving plain Linear layers."""
     for path, m in lora_layers(model).items():
         _set(model, path, m.merged())
+
+
+def merge_adapter(model: nn.Module, folder: str | Path) -> None:
+    """The adapter in `folder` folded into the model's weights (what `qwenkit merge` and `export` write)."""
+    load_adapter(model, folder)
+    merge_lora(model)

@@ -17,7 +17,7 @@ def merge_to_folder(base: Path, adapter: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     from qwenkit.checkpoint.loader import load_weights
-    from qwenkit.tune.lora import load_adapter, merge_lora
+    from qwenkit.tune.lora import merge_adapter
 
     if not base.is_dir():
         raise BadRequest(f"{base}: merging needs a Hugging Face folder as the base (a GGUF base: use the folder it "
@@ -26,8 +26,7 @@ def merge_to_folder(base: Path, adapter: Path, out: Path) -> Path:
     if config.is_moe:
         raise BadRequest(f"{base}: merging into a mixture-of-experts model is not supported yet (its stacked expert "
                          "tensors are named differently from the Hugging Face files)")
-    load_adapter(model, adapter)
-    merge_lora(model)
+    merge_adapter(model, adapter)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.tune.data import IGNORE, Example
-from qwenkit.tune.lora import LoRAConfig, lora_layers, save_adapter
+from qwenkit.tune.lora import LoRAConfig, copy_adapter_weights, save_adapter
 
 CHECKPOINTS_KEPT = 2
 
@@ -225,11 +225,7 @@ class Trainer:
         if state["train"] != asdict(self.cfg) or state["lora"] != asdict(self.lora):
             raise BadCheckpoint(f"{path}: the checkpoint was made with other training settings; resume with the same "
                                 "flags (or start a new --out)")
-        adapter = load_file(str(path / "adapter_model.safetensors"))
-        with torch.no_grad():
-            for name, m in lora_layers(self.model).items():
-                m.lora_A.weight.copy_(adapter[f"base_model.model.{name}.lora_A.weight"])
-                m.lora_B.weight.copy_(adapter[f"base_model.model.{name}.lora_B.weight"])
+        copy_adapter_weights(self.model, path)
         tensors = load_file(str(path / "optimizer.safetensors"))
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():

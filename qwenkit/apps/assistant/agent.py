@@ -112,6 +112,7 @@ class Agent:
         if len(set(names)) != len(names):
             raise ValueError(f"two tools share a name: {sorted(n for n in names if names.count(n) > 1)}")
         self.chat, self.tools = chat, {t.name: t for t in tools}
+        self._specs = [t.spec() for t in tools] or None  # what the model is shown, the same at every step
         self.max_steps, self.confirm, self.tool_timeout = max_steps, confirm, tool_timeout
         self.params = {**({"model": model} if model else {}), "max_tokens": 1024, **sampling}
         self.drafts = drafts if drafts is not None else []
@@ -144,7 +145,7 @@ class Agent:
         for step in range(1, self.max_steps + 1):
             if answer_next is None and step == self.max_steps:
                 answer_next = "step_limit"
-            messages, tools = self.messages, [t.spec() for t in self.tools.values()] or None
+            messages, tools = self.messages, self._specs
             if answer_next is not None:
                 tools = None
                 if results:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwenkit.apps.assistant.tool import ToolError
@@ -34,6 +34,16 @@ class Service:
     timeout: float = 8.0
     retries: int = 1
     backoff: float = 0.3
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def _http(self) -> Any:
+        """One client per service, kept: its connections (and TLS sessions) serve every later call, from any of
+        the agent's tool threads."""
+        if self._client is None:
+            import httpx2
+
+            self._client = httpx2.Client(timeout=self.timeout, follow_redirects=True)
+        return self._client
 
     @property
     def label(self) -> str:
@@ -57,8 +67,7 @@ class Service:
             if attempt:
                 time.sleep(self.backoff)
             try:
-                with httpx2.Client(timeout=self.timeout, follow_redirects=True) as client:
-                    r = client.get(url, params=params, headers=headers)
+                r = self._http().get(url, params=params, headers=headers)
             except httpx2.TimeoutException:
                 failure = f"timed out after {self.timeout:g} s"
                 continue
