@@ -13,7 +13,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_cli import qwenkit_command
+from tests.e2e.test_serve import free_port
 from tests.tiny_checkpoint import tiny_hf_folder
 
 pytestmark = [pytest.mark.slow]
@@ -30,12 +30,6 @@ pytestmark = [pytest.mark.slow]
 PROBE = 0.5  # seconds between health probes: recovery must take at most about this long
 HELLO = [{"role": "user", "content": "hello"}]
 HOST_NAME = "host-model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 2.0) -> int:
