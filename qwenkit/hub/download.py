@@ -199,7 +199,7 @@ def plan(entry: ModelEntry) -> Plan:
     if offline():
         raise HubUnreachable("HF_HUB_OFFLINE is set")
     if entry.files:
-        return Plan(entry.revision, entry.files, folder=False)
+        return Plan(entry.revision, entry.files, folder=entry.folder)
     revision, names = _list(entry.repo, entry.revision)
     top = [n for n in names if "/" not in n]
     if entry.quant is None and (SAFETENSORS_INDEX in top or any(n.endswith(".safetensors") for n in top)):

