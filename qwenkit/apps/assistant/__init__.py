@@ -17,12 +17,12 @@ __getattr__ = lazy_exports("qwenkit.apps.assistant", {
     "Event": "qwenkit.apps.assistant.agent", "Service": "qwenkit.apps.assistant.services",
     "services_from_env": "qwenkit.apps.assistant.services", "Tool": "qwenkit.apps.assistant.tool",
     "ToolError": "qwenkit.apps.assistant.tool", "builtin_tools": "qwenkit.apps.assistant.builtin",
-    "open_chat": "qwenkit.apps.assistant.backend",
+    "open_chat": "qwenkit.apps.backend",
 })
 
 if TYPE_CHECKING:
     from qwenkit.apps.assistant.agent import Agent, AgentResult, Event
-    from qwenkit.apps.assistant.backend import open_chat
+    from qwenkit.apps.backend import open_chat
     from qwenkit.apps.assistant.builtin import builtin_tools
     from qwenkit.apps.assistant.services import Service, services_from_env
     from qwenkit.apps.assistant.tool import Tool, ToolError

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwenkit.apps.backend import add_arguments as backend_arguments
 from qwenkit.errors import BadConfig
 
 SERVICE_FLAGS = {"osrm": "--osrm-url", "nominatim": "--nominatim-url", "searxng": "--searxng-url",
@@ -17,12 +18,8 @@ SERVICE_FLAGS = {"osrm": "--osrm-url", "nominatim": "--nominatim-url", "searxng"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="one question ('-' reads it from stdin); omit for a conversation")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--route", metavar="ROUTE_YAML", help="hosted backends first, on-device fallback")
-    where.add_argument("--base-url", help="an OpenAI-compatible server (qwenkit serve, vLLM, llama.cpp...)")
-    p.add_argument("--model", help="the model: in this process (default qwen2.5-coder:0.5b), or with --base-url "
-                   "the name that server knows it by")
-    p.add_argument("--api-key", help="key for --base-url")
+    backend_arguments(p, model_help="the model: in this process (default qwen2.5-coder:0.5b), or with --base-url "
+                      "the name that server knows it by")
     for name, flag in SERVICE_FLAGS.items():
         p.add_argument(flag, dest=f"{name}_url", metavar="URL",
                        help=f"{name} API base URL (default: $QWENKIT_{name.upper()}_URL or the public service)")
@@ -35,13 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="approve tools that act on the world without asking")
     p.add_argument("--trace", metavar="FILE", help="write every turn's trace (steps, calls, results) as JSON")
     p.add_argument("--system", help="replace the system prompt")
-    p.add_argument("--threads", type=int, help="CPU threads of a model in this process")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
 
 
 def run(args: argparse.Namespace) -> int:
     from qwenkit.apps.assistant.agent import DEFAULT_SYSTEM, Agent
-    from qwenkit.apps.assistant.backend import open_chat
+    from qwenkit.apps.backend import open_from_args
     from qwenkit.apps.assistant.builtin import builtin_tools
     from qwenkit.apps.assistant.mcp_tools import MCPConnection
     from qwenkit.apps.assistant.services import services_from_env
@@ -60,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
             conn = MCPConnection(target).start()
             connections.append(conn)
             tools += conn.tools({t.name for t in tools})
-        model = args.model if (args.model or args.route or args.base_url) else DEFAULT_MODEL
-        chat = open_chat(model if not args.route else None, route=args.route, base_url=args.base_url,
-                         api_key=args.api_key, threads=args.threads)
+        chat = open_from_args(args, DEFAULT_MODEL)
         agent = Agent(chat, tools, system=args.system or DEFAULT_SYSTEM, max_steps=args.max_steps,
                       confirm=_confirmer(args.yes), tool_timeout=args.tool_timeout, drafts=drafts,
                       temperature=args.temperature)

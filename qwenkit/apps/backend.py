@@ -1,7 +1,10 @@
-"""The model the assistant talks to: a qwenkit.Client over one model in this process, one OpenAI-compatible server,
-or a route file (hosted first, on-device fallback, with failover even mid-answer)."""
+"""The model an app talks to: a qwenkit.Client over one model in this process, one OpenAI-compatible server, or a
+route file (hosted first, on-device fallback, with failover even mid-answer). The assistant and live captions take
+the same command-line flags for it (add_arguments) and open it the same way (open_chat)."""
 
 from __future__ import annotations
+
+import argparse
 
 from qwenkit.errors import BadConfig, QwenkitError
 from qwenkit.route.client import Client
@@ -35,3 +38,20 @@ def open_chat(model: str | None = None, *, route: str | None = None, base_url: s
             raise QwenkitError(f"the model of backend '{backend.name}' did not load: {error}")
     return client
 
+
+
+def add_arguments(p: argparse.ArgumentParser, *, model_help: str) -> None:
+    """--route | --base-url, --model, --api-key and --threads: where the app's Qwen model runs."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--route", metavar="ROUTE_YAML", help="hosted backends first, on-device fallback")
+    where.add_argument("--base-url", help="an OpenAI-compatible server (qwenkit serve, vLLM, llama.cpp...)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--api-key", help="key for --base-url")
+    p.add_argument("--threads", type=int, help="CPU threads of a model in this process")
+
+
+def open_from_args(args: argparse.Namespace, default_model: str) -> Client:
+    """open_chat for the flags of add_arguments: the default model in this process unless told otherwise."""
+    model = args.model if (args.model or args.route or args.base_url) else default_model
+    return open_chat(model if not args.route else None, route=args.route, base_url=args.base_url,
+                     api_key=args.api_key, threads=args.threads)
