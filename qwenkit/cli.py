@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain-timeout", type=float, default=300.0,
                      help="seconds SIGTERM waits for requests in flight (default: 300)")
     srv.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    srv.add_argument("--lora", action="append", default=[], type=_lora, metavar="NAME=PATH",
+                     help="serve a LoRA adapter (PEFT folder) over the model; requests choose it with model=NAME "
+                     "(repeatable)")
     _quant_arg(srv)
 
     from qwenkit.apps.assistant.cli import add_arguments
@@ -112,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default f16)")
     export.add_argument("--adapter", help="a LoRA adapter folder to merge first")
     return parser
+
+
+def _lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name.strip(), path.strip()
 
 
 def _positive(text: str) -> int:
@@ -252,13 +262,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
         quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
-        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, lora=_lora_map(args.lora),
     )
     return serve(config, verbose=args.verbose)
 
 
+def _lora_map(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    names = [name for name, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise QwenkitError(f"--lora: adapter name {twice[0]!r} given twice")
+    return dict(pairs)
+
+
 def cmd_assistant(args: argparse.Namespace) -> int:
     from qwenkit.apps.assistant.cli import run
+
+    return run(args)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from qwenkit.apps.translate.cli import run
 
     return run(args)
 

@@ -13,9 +13,13 @@ from qwenkit.route.config import BackendConfig, RouteConfig
 
 def open_chat(model: str | None = None, *, route: str | None = None, base_url: str | None = None,
               api_key: str | None = None, threads: int | None = None, quant: str = "auto",
-              load_timeout: float = 600.0) -> Client:
+              load_timeout: float = 600.0, lora: dict[str, str] | None = None) -> Client:
     """A started Client; a model in this process is loaded before this returns (its load error is raised here).
-    With base_url, `model` is the name that server knows its model by (optional)."""
+    With base_url, `model` is the name that server knows its model by (optional). lora: adapters served over a
+    model in this process (name -> PEFT folder), chosen per request by `model=name`."""
+    if lora and (route is not None or base_url is not None):
+        raise BadConfig("a LoRA adapter applies to a model in this process: with --route or --base-url the "
+                        "route file or the server names its adapters")
     if route is not None and (model is not None or base_url is not None):
         raise BadConfig("--route names the models itself: give no model and no --base-url with it")
     if route is None and base_url is None and model is None:
@@ -28,7 +32,8 @@ def open_chat(model: str | None = None, *, route: str | None = None, base_url: s
             model=model, first_token_timeout=120.0, inter_token_timeout=60.0)]))
     else:
         client = Client(RouteConfig(backends=[BackendConfig(name="device", type="native", model=model,
-                                                            threads=threads, quant=quant, max_batch=4)]))
+                                                            threads=threads, quant=quant, max_batch=4,
+                                                            lora=dict(lora or {}))]))
     for backend in client.router.backends:
         if not backend.remote and not backend.wait_loaded(load_timeout):
             error = getattr(getattr(backend, "service", None), "error", None)
@@ -50,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser, *, model_help: str) -> None:
     p.add_argument("--threads", type=int, help="CPU threads of a model in this process")
 
 
-def open_from_args(args: argparse.Namespace, default_model: str) -> Client:
+def open_from_args(args: argparse.Namespace, default_model: str, lora: dict[str, str] | None = None) -> Client:
     """open_chat for the flags of add_arguments: the default model in this process unless told otherwise."""
     model = args.model if (args.model or args.route or args.base_url) else default_model
     return open_chat(model if not args.route else None, route=args.route, base_url=args.base_url,
-                     api_key=args.api_key, threads=args.threads)
+                     api_key=args.api_key, threads=args.threads, lora=lora)

@@ -9,7 +9,8 @@
 
 A worker thread runs the scheduler (qwenkit.engine.scheduler): requests join and leave the running batch at every
 step, prompts are prefilled in chunks between decode steps, and the KV cache is a pool of blocks shared through
-the prefix cache (qwenkit.engine.paged).
+the prefix cache (qwenkit.engine.paged). With an AdapterSet (qwenkit.engine.adapters), each request may name a
+LoRA adapter (`GenerationRequest.adapter`); requests of different adapters share every step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class GenerationRequest:
     parser: object | None = None  # a text.stream.StreamParser for chat output (reasoning / content / tool calls)
     constraint: object | None = None  # a grammar.Constraint: only tokens it allows are sampled
     timeout: float | None = None  # seconds from submission; past it the stream raises RequestTimeout
+    adapter: int = 0  # a LoRA adapter of the engine's AdapterSet (qwenkit.engine.adapters); 0 = the base model
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Engine:
         block_size: int = 16,
         kv_blocks: int | None = None,
         prefill_chunk: int | None = None,
+        adapters=None,
     ):
         from qwenkit.engine.scheduler import Scheduler
         from qwenkit.quant.linear import FUSED_MAX_ROWS
@@ -132,7 +135,7 @@ class Engine:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.scheduler = Scheduler(
             model, tokenizer, max_batch=max_batch, max_model_len=self.max_model_len, block_size=block_size,
-            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk,
+            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, adapters=adapters,
         )
         self._incoming: queue.SimpleQueue[RequestStream] = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -80,10 +80,10 @@ class BlockPool:
                     self.free.append(block)
 
     # ---- prefix cache --------------------------------------------------------------------------------------------
-    def match_prefix(self, tokens: list[int], limit: int) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, tokens: list[int], limit: int, root: bytes = b"") -> tuple[list[int], list[bytes]]:
         """Blocks already holding the first full blocks of `tokens` (at most `limit` tokens' worth), each now
-        referenced by the caller, and their hashes."""
-        blocks, hashes, parent = [], [], b""
+        referenced by the caller, and their hashes. `root` starts the hash chain (one per LoRA adapter)."""
+        blocks, hashes, parent = [], [], root
         full = min(len(tokens), limit) // self.block_size
         for i in range(full):
             h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])

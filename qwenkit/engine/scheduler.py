@@ -9,10 +9,13 @@ Every step:
 4. each request whose pass produced a next-token distribution samples, streams its Response, and leaves when done.
 When decoding needs a block and none is left, the youngest request is preempted: its blocks are freed and it waits
 at the head of the queue to recompute its context later (its sampler and text state are kept, so no output is lost).
+Requests may use different LoRA adapters in one step: each flat row carries its request's adapter id, and the
+prefix cache keeps each adapter's blocks apart (the same tokens have other keys and values under another adapter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -42,6 +45,8 @@ class Sequence:
         self.computed = 0  # leading tokens whose keys and values are in the pool
         self.blocks: list[int] = []
         self.hashes: list[bytes] = []  # prefix-cache identity of each full block, in order
+        self.adapter = req.adapter
+        self.root = b"" if not req.adapter else b"adapter:%d" % req.adapter  # where its prefix-cache chain starts
         self.sampler = Sampler(req.params, vocab_size, req.prompt_ids, req.constraint)
         self.output = OutputProcessor(tokenizer, self.prompt_len, req.params.stop, req.stop_ids, req.parser)
         self.first_token_at = 0.0
@@ -56,9 +61,9 @@ class Sequence:
 class Scheduler:
     def __init__(
         self, model, tokenizer, *, max_batch: int, max_model_len: int, block_size: int, kv_blocks: int | None,
-        prefill_chunk: int,
+        prefill_chunk: int, adapters=None,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk
         self.block_size = block_size
         if kv_blocks is None:
@@ -143,7 +148,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             # The last token is always computed anew: its logits are what the next sample needs.
-            blocks, hashes = self.pool.match_prefix(seq.tokens, len(seq.tokens) - 1)
+            blocks, hashes = self.pool.match_prefix(seq.tokens, len(seq.tokens) - 1, seq.root)
             needed = -(-len(seq.tokens) // self.block_size) - len(blocks)
             if needed > self.pool.available - self._decode_reserve():
                 self.pool.release(blocks)
@@ -198,9 +203,10 @@ class Scheduler:
 
     def _run(self, plan: list[tuple[Sequence, int, int]]) -> None:
         bs = self.block_size
-        segments, positions, ids, sample_rows, samplers = [], [], [], [], []
+        segments, positions, ids, sample_rows, samplers, adapters = [], [], [], [], [], []
         row = 0
         for seq, first, end in plan:
+            adapters += [seq.adapter] * (end - first)
             table = torch.tensor(seq.blocks, dtype=torch.long)
             slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
             segments.append((row, end - first, slots))
@@ -211,7 +217,10 @@ class Scheduler:
                 sample_rows.append(row - 1)
                 samplers.append(seq)
         batch = PagedBatch(self.pool, segments, torch.cat(positions))
-        logits = self.model(torch.tensor([ids]), cache=batch, logits=torch.tensor(sample_rows, dtype=torch.long))[0]
+        rows = self.adapters.rows(torch.tensor(adapters)) if self.adapters is not None else contextlib.nullcontext()
+        with rows:
+            logits = self.model(torch.tensor([ids]), cache=batch,
+                                logits=torch.tensor(sample_rows, dtype=torch.long))[0]
         for seq, first, end in plan:
             seq.computed = end
             self._register_full_blocks(seq)
@@ -223,7 +232,7 @@ class Scheduler:
         bs = self.block_size
         while (len(seq.hashes) + 1) * bs <= seq.computed:
             i = len(seq.hashes)
-            h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs : (i + 1) * bs])
+            h = block_hash(seq.hashes[-1] if seq.hashes else seq.root, seq.tokens[i * bs : (i + 1) * bs])
             self.pool.register(seq.blocks[i], h)
             seq.hashes.append(h)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit._scoped import scoped
 from qwenkit.quant import kernels, tinygemm
 from qwenkit.quant.cpu import has_fbgemm, native_bf16, vnni
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
@@ -39,17 +39,11 @@ FUSED_MAX_ROWS = 64
 _mode = threading.local()
 
 
-@contextlib.contextmanager
-def batch_invariant() -> Iterator[None]:
+def batch_invariant() -> contextlib.AbstractContextManager[None]:
     """Within this block (in this thread), every row of a batch up to FUSED_MAX_ROWS gets exactly the result it would
     get alone. The serving engine runs its steps in it; single-request generation does not, and keeps fbgemm's
     plain matrix-vector path (the extra work per call costs it about a third of its decode speed)."""
-    previous = getattr(_mode, "on", False)
-    _mode.on = True
-    try:
-        yield
-    finally:
-        _mode.on = previous
+    return scoped(_mode, "on", True, default=False)
 
 
 def batch_invariant_enabled() -> bool:

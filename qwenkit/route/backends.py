@@ -164,7 +164,7 @@ class NativeBackend(Backend):
 
         serve_config = ServeConfig(model=config.model, served_model_name=config.name, quant=config.quant,
                                    threads=config.threads, max_model_len=config.max_model_len,
-                                   max_batch=config.max_batch)
+                                   max_batch=config.max_batch, lora=dict(config.lora))
         self.service = ModelService(serve_config, loader=loader)
         self.metrics = Metrics(self.service.stats)
 
@@ -210,7 +210,8 @@ class NativeBackend(Backend):
             await asyncio.sleep(0.05)  # first-token deadline bounds the wait)
         if not self.service.ready:
             raise BackendError(self.name, f"the model is {self.service.state}")
-        body = {k: v for k, v in body.items() if k != "model"}  # the one model here answers any name
+        # The one model here answers any name; a name of one of its adapters chooses that adapter.
+        body = {k: v for k, v in body.items() if k != "model" or v in self.config.lora}
         try:
             # Through JSON, as the server reads it: strict validation then treats the dict exactly like a body.
             req = ChatCompletionRequest.model_validate_json(json.dumps(body))

@@ -65,12 +65,15 @@ class BackendConfig:
     threads: int | None = None
     max_model_len: int | None = None
     max_batch: int = 8
+    lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters served over the model: name -> folder
     line: int = 0  # where it was declared, for later messages
 
     def model_for(self, requested: str | None) -> str | None:
-        """The model name to send this backend for a client's requested name."""
+        """The model name to send this backend for a client's requested name (one of its adapters stays as is)."""
         if requested is not None and requested in self.aliases:
             return self.aliases[requested]
+        if requested is not None and requested in self.lora:
+            return requested
         return self.model
 
 
@@ -86,7 +89,7 @@ _TOP_KEYS = {"backends", "probe_interval", "served_model_name"}
 _COMMON = {"name", "type", "model", "aliases", "connect_timeout", "first_token_timeout", "inter_token_timeout",
            "retries", "backoff", "breaker", "priority"}
 _KEYS = {"openai": _COMMON | {"base_url", "api_key", "api_key_env"},
-         "native": _COMMON | {"quant", "threads", "max_model_len", "max_batch"}}
+         "native": _COMMON | {"quant", "threads", "max_model_len", "max_batch", "lora"}}
 _NUMBERS = ("connect_timeout", "first_token_timeout", "inter_token_timeout", "backoff")
 
 
@@ -184,12 +187,15 @@ def _backend(r: _Reader, node: yaml.Node) -> BackendConfig:
     for key, low in (("retries", 0), ("priority", 0), ("threads", 1), ("max_model_len", 1), ("max_batch", 1)):
         if key in fields:
             setattr(b, key, r.typed(fields[key][1], key, (int,), low))
-    if "aliases" in fields:
-        a = fields["aliases"][1]
-        value = r.value(a)
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise r.fail(a, "'aliases' must map requested model names to this backend's model names")
-        b.aliases = value
+    for key, what in (("aliases", "requested model names to this backend's model names"),
+                      ("lora", "adapter names to adapter folders")):
+        if key in fields:
+            node_ = fields[key][1]
+            value = r.value(node_)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in value.items()):
+                raise r.fail(node_, f"'{key}' must map {what}")
+            setattr(b, key, value)
     if "breaker" in fields:
         br = r.mapping(fields["breaker"][1], "'breaker'", {"failures", "cooldown"})
         if "failures" in br:

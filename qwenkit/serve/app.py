@@ -184,8 +184,9 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
             raise APIError(503, "the server is shutting down", "service_unavailable", None, "server_shutting_down")
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != config.name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{config.name}'",
+        if name is not None and name not in service.model_names():
+            served = "', '".join(service.model_names())
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'",
                            "not_found_error", "model", "model_not_found")
 
     async def read(request: Request, model: type[BaseModel], raw: bytes | None = None) -> Any:
@@ -223,10 +224,11 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         require_ready()
-        return JSONResponse({"object": "list", "data": [{
-            "id": config.name, "object": "model", "created": service.created, "owned_by": "qwenkit",
-            "root": config.model, "max_model_len": service.model.context_length,
-        }]})
+        base = {"id": config.name, "object": "model", "created": service.created, "owned_by": "qwenkit",
+                "root": config.model, "parent": None, "max_model_len": service.model.context_length}
+        adapters = [{**base, "id": name, "root": str(folder), "parent": config.name}
+                    for name, folder in config.lora.items()]
+        return JSONResponse({"object": "list", "data": [base, *adapters]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

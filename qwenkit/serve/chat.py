@@ -43,6 +43,7 @@ class BannedTokens:
 def build_chat_job(service, req: ChatCompletionRequest, timeout: float | None) -> Job:
     """Render, tokenize and (when asked) compile a grammar: blocking work, run off the event loop."""
     model = service.model
+    adapter = service.adapter_id(req.model)
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs requires logprobs to be true")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -88,9 +89,10 @@ def build_chat_job(service, req: ChatCompletionRequest, timeout: float | None) -
             prompt_ids=prepared.prompt_ids, params=params, max_new_tokens=prepared.max_new_tokens,
             stop_ids=prepared.stop_ids, parser=prepared.new_parser(seed=params.seed),
             constraint=grammar.constraint() if grammar is not None else banned, timeout=timeout,
+            adapter=adapter,
         ))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    formatter = ChatFormatter(model.tokenizer, service.config.name, req.n, req.parallel_tool_calls)
+    formatter = ChatFormatter(model.tokenizer, req.model or service.config.name, req.n, req.parallel_tool_calls)
     return Job(requests, formatter, len(prepared.prompt_ids), req.stream, include_usage)
 
 

@@ -20,6 +20,7 @@ from qwenkit.serve.protocol import CompletionRequest
 
 def build_completion_job(service, req: CompletionRequest, timeout: float | None) -> Job:
     model = service.model
+    adapter = service.adapter_id(req.model)
     if req.echo and req.logprobs is not None:
         raise BadRequest("echo: prompt logprobs are not supported; use echo or logprobs, not both")
     prompts = req.prompts()
@@ -36,11 +37,11 @@ def build_completion_job(service, req: CompletionRequest, timeout: float | None)
                 params = dataclasses.replace(params, seed=params.seed + j)
             requests.append(GenerationRequest(
                 prompt_ids=prepared.prompt_ids, params=params, max_new_tokens=prepared.max_new_tokens,
-                stop_ids=prepared.stop_ids, timeout=timeout,
+                stop_ids=prepared.stop_ids, timeout=timeout, adapter=adapter,
             ))
             echoes.append(text if req.echo else "")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    formatter = CompletionFormatter(model.tokenizer, service.config.name, echoes)
+    formatter = CompletionFormatter(model.tokenizer, req.model or service.config.name, echoes)
     return Job(requests, formatter, prompt_tokens, req.stream, include_usage)
 
 

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwenkit.errors import QwenkitError
 
@@ -32,6 +32,7 @@ class ServeConfig:
     request_timeout: float | None = None
     max_body_bytes: int = 4 << 20
     drain_timeout: float = 300.0  # seconds SIGTERM waits for in-flight requests
+    lora: dict[str, str] = field(default_factory=dict)  # adapter name (a `model` clients may ask for) -> folder
 
     @property
     def name(self) -> str:
@@ -47,6 +48,7 @@ class ModelService:
         self.error: BaseException | None = None
         self.model = None
         self.engine = None
+        self.adapters = None  # an engine.adapters.AdapterSet when the server has --lora adapters
         self._grammar = None
         self._grammar_lock = threading.Lock()
         self.created = int(time.time())
@@ -80,10 +82,18 @@ class ModelService:
         if limit is not None:
             # Budgets (max_tokens defaults, context_length_exceeded) are computed against what the engine allows.
             model.context_length = min(model.context_length, limit)
+        adapters = None
+        if self.config.lora:
+            from qwenkit.engine.adapters import AdapterSet
+
+            adapters = AdapterSet(model.model)
+            for name, folder in self.config.lora.items():
+                adapters.add(name, folder)
+                log.info("adapter %s loaded from %s", name, folder)
         engine = Engine(model.model, model.tokenizer, max_batch=self.config.max_batch,
-                        max_queue=self.config.max_queue, max_model_len=model.context_length)
+                        max_queue=self.config.max_queue, max_model_len=model.context_length, adapters=adapters)
         engine.start()
-        self.model, self.engine = model, engine
+        self.model, self.engine, self.adapters = model, engine, adapters
         try:  # now rather than on the first JSON or tool_choice request, which would wait for it
             self.grammar()
         except Exception as e:  # noqa: BLE001 - constrained requests will report it; the rest can still be served
@@ -101,6 +111,16 @@ class ModelService:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    def model_names(self) -> list[str]:
+        """What a request's `model` may name: the base model, then each adapter."""
+        return [self.config.name, *self.config.lora]
+
+    def adapter_id(self, name: str | None) -> int:
+        """The engine's adapter id for a request's `model` (0: the base model)."""
+        if name is None or name == self.config.name or self.adapters is None:
+            return 0
+        return self.adapters.id_of(name)
 
     def grammar(self):
         """The model's GrammarCompiler, built on first use (about a second: it indexes the whole vocabulary)."""

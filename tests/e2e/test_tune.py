@@ -172,3 +172,52 @@ def test_torchrun_fsdp_on_two_processes_trains_the_same_adapter(tiny_hf_path, tm
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-4, f"largest difference {worst:.2e}"
+
+
+def test_serve_lora_adapters_chosen_per_request_over_http(tiny_hf_path, tmp_path):
+    """`qwenkit serve --lora NAME=PATH` driven by the official openai client: the adapter is a model of the
+    server; base and adapter requests sent together answer as each does alone, and as the adapter in-process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    import qwenkit
+    from qwenkit.tune.lora import load_adapter
+    from tests.e2e.test_serve import Server
+    from tests.unit.test_adapters import trained_adapter
+
+    folder = trained_adapter(tiny_hf_path, tmp_path / "support", seed=7)
+    messages = [{"role": "user", "content": "hello there"}]
+    reference = qwenkit.load(tiny_hf_path, pull=False)
+    base_text = reference.chat(messages, temperature=0, max_tokens=12).text
+    load_adapter(reference.model, folder)
+    adapted_text = reference.chat(messages, temperature=0, max_tokens=12).text
+    assert adapted_text != base_text
+    server = Server(tiny_hf_path, tmp_path / "server.log", "--served-model-name", "tiny", "--lora",
+                    f"support={folder}", "--max-batch", "4", "--threads", "1")
+    try:
+        server.wait_ready(120)
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == ["tiny", "support"]
+
+        def ask(model: str) -> str:
+            r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=12)
+            assert r.model == model
+            return r.choices[0].message.content
+
+        assert ask("support") == adapted_text and ask("tiny") == base_text
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(ask, ["tiny", "support"] * 3))
+        assert together == [base_text, adapted_text] * 3
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
+
+
+def test_serve_refuses_a_bad_lora_flag(tiny_hf_path, tmp_path):
+    for flag, message in ((["--lora", "no-equals-sign"], "expected NAME=PATH"),
+                          (["--lora", f"x={tmp_path}"], "adapter_config.json")):
+        proc = subprocess.run([sys.executable, "-m", "qwenkit", "serve", str(tiny_hf_path), "--port", "0", *flag],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

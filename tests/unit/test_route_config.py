@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from qwenkit.errors import BadConfig, BadRequest
-from qwenkit.route.backends import Backend, BackendError, BackendRejected
+from qwenkit.route.backends import Backend, BackendError, BackendRejected, NativeBackend
 from qwenkit.route.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from qwenkit.route.config import BackendConfig, RouteConfig, parse_route
 from qwenkit.route.router import AllBackendsFailed, Router
@@ -29,6 +29,7 @@ backends:
     type: native
     model: qwen2.5-coder:0.5b
     threads: 2
+    lora: {support: ./adapters/support}
 """
 
 
@@ -40,6 +41,8 @@ def test_parse_good_file():
     assert hosted.model_for("coder") == "big-coder" and hosted.model_for("other") == "big"
     assert (hosted.retries, hosted.breaker.failures, hosted.breaker.cooldown) == (2, 4, 10.0)
     assert device.type == "native" and device.threads == 2 and device.line == 12
+    assert device.lora == {"support": "./adapters/support"}
+    assert device.model_for("support") == "support" and device.model_for("coder") == "qwen2.5-coder:0.5b"
 
 
 def test_api_key_env(monkeypatch):
@@ -64,6 +67,9 @@ def test_api_key_env(monkeypatch):
     ("backends: []\n", 1, "non-empty list"),
     ("backends:\n  - name: a\n    type: [\n", 4, "not valid YAML"),
     ("backends:\n  - name: a\n    type: native\n    model: y\n    breaker: {failures: 0}\n", 5, "at least 1"),
+    ("backends:\n  - name: a\n    type: native\n    model: y\n    lora: [x]\n", 5,
+     "'lora' must map adapter names to adapter folders"),
+    ("backends:\n  - name: a\n    type: openai\n    base_url: http://h\n    lora: {x: y}\n", 5, "unknown key 'lora'"),
 ])
 def test_bad_config_names_the_line(text, line, needle):
     with pytest.raises(BadConfig) as e:
@@ -339,8 +345,6 @@ def test_continuation_gets_what_is_left_of_max_tokens():
 
 
 def test_native_backend_counts_tokens_once_loaded(tiny_model):
-    from qwenkit.route.backends import NativeBackend
-
     b = NativeBackend(BackendConfig(name="d", type="native", model="tiny"), loader=lambda: tiny_model)
     assert b.token_counter() is None  # not loaded: the router counts chunks
     asyncio.run(b.start())
@@ -350,6 +354,27 @@ def test_native_backend_counts_tokens_once_loaded(tiny_model):
         assert count("Hello, world") == len(tiny_model.tokenizer.encode("Hello, world")) and count("") == 0
     finally:
         asyncio.run(b.close())
+
+
+def test_a_native_backend_serves_its_adapters_by_name(tiny_hf_path, tmp_path):
+    """A route's on-device model with `lora:`: a request naming the adapter gets it, any other name the base."""
+    import qwenkit
+    from qwenkit.route.client import Client
+    from tests.unit.test_adapters import trained_adapter
+
+    folder = trained_adapter(tiny_hf_path, tmp_path / "support", seed=9)
+    config = BackendConfig(name="device", type="native", model="tiny", lora={"support": str(folder)})
+    backend = NativeBackend(config, loader=lambda: qwenkit.load(tiny_hf_path, pull=False))
+    messages = [{"role": "user", "content": "hello"}]
+    with Client(Router(RouteConfig([config]), [backend])) as client:
+        assert backend.wait_loaded(60)
+
+        def text(**kw):
+            reply = client.chat(messages, temperature=0, max_tokens=8, **kw)
+            return reply["choices"][0]["message"]["content"]
+
+        base, adapted = text(), text(model="support")
+        assert adapted != base and text(model="anything-else") == base and text(model="support") == adapted
 
 
 def test_a_non_streamed_answer_keeps_each_tool_call_once():

@@ -279,6 +279,44 @@ def test_failed_load_is_503_with_the_reason():
     assert service.state == "failed"  # shutting down keeps the reason the server exits with
 
 
+def test_lora_adapters_are_models_a_request_chooses(tiny_hf_path, tmp_path):
+    """--lora NAME=PATH: /v1/models lists each adapter with the base as parent; model=NAME answers with it."""
+    import qwenkit
+    from tests.unit.test_adapters import trained_adapter
+
+    folder = trained_adapter(tiny_hf_path, tmp_path / "support", seed=5)
+    reference = qwenkit.load(tiny_hf_path, pull=False)
+    base_answer = reference.chat(HELLO, temperature=0, max_tokens=8).text
+    from qwenkit.tune.lora import load_adapter
+
+    load_adapter(reference.model, folder)
+    adapted_answer = reference.chat(HELLO, temperature=0, max_tokens=8).text
+    assert adapted_answer != base_answer
+    with make_client(qwenkit.load(tiny_hf_path, pull=False), lora={"support": str(folder)}) as c:
+        models = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [(NAME, None), ("support", NAME)]
+        assert models[1]["root"] == str(folder)
+        r = c.post("/v1/chat/completions", json={"model": "support", "messages": HELLO, "temperature": 0,
+                                                 "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["model"] == "support"
+        assert r.json()["choices"][0]["message"]["content"] == adapted_answer
+        assert chat(c, temperature=0, max_tokens=8).json()["choices"][0]["message"]["content"] == base_answer
+        r = c.post("/v1/completions", json={"model": "support", "prompt": "Hello", "temperature": 0, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "support"
+        assert_error(c.post("/v1/chat/completions", json={"model": "other", "messages": HELLO}), 404,
+                     "'tiny', 'support'", code="model_not_found")
+
+
+def test_an_adapter_that_does_not_load_fails_the_server(tiny_hf_path, tmp_path):
+    import qwenkit
+
+    service = ModelService(ServeConfig(model="tiny-path", served_model_name=NAME, lora={"x": str(tmp_path)}),
+                           loader=lambda: qwenkit.load(tiny_hf_path, pull=False))
+    service.start_loading()
+    service.wait_loaded(30)
+    assert service.state == "failed" and "adapter_config.json" in str(service.error)
+
+
 def test_validation_error_paths_drop_union_member_names():
     with pytest.raises(Exception) as e:
         ChatCompletionRequest.model_validate_json('{"messages": [{"role": "user", "content": [{"type": "img"}]}]}')
