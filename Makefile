@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_MODEL ?= qwen2.5-coder:0.5b
 DEMO_PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a one-line docstring.
 
-.PHONY: demo test venv clean-venv llama-cpp
+.PHONY: demo test venv browser clean-venv llama-cpp
 
 venv: $(STAMP)
 
@@ -21,8 +21,12 @@ demo: $(STAMP)
 	$(BIN)/qwenkit pull $(DEMO_MODEL)
 	$(BIN)/qwenkit run $(DEMO_MODEL) "$(DEMO_PROMPT)" --temperature 0 --max-tokens 160
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium, for the test that opens the live-caption page in a real browser (skipped where it cannot be had).
+browser:
+	@scripts/ensure_chromium.sh
 
 # The CPU speed peer for benchmarks/: builds llama-cpp-python once per machine (30-40 min on 2 cores), then caches it.
 llama-cpp: $(STAMP)

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sub.add_parser("assistant", help="a tool-using assistant: directions, places, weather, web search, "
                                  "drafts and MCP tools"))
 
+    from qwenkit.apps.translate.cli import add_arguments as translate_arguments
+
+    translate_arguments(sub.add_parser("translate", help="live captions: speech (a file, PCM on stdin, a microphone) "
+                                       "to translated text; or text lines with --text"))
+
     from qwenkit.tune.cli import add_arguments as tune_arguments
 
     tune_arguments(sub.add_parser("tune", help="fine-tune a LoRA adapter on chat data (PEFT format)"))
@@ -314,7 +319,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 VERBS = {"run": cmd_run, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm, "info": cmd_info, "bench": cmd_bench,
-         "serve": cmd_serve, "assistant": cmd_assistant, "tune": cmd_tune,
+         "serve": cmd_serve, "assistant": cmd_assistant, "translate": cmd_translate, "tune": cmd_tune,
          "merge": cmd_merge, "export": cmd_export}
 
 if __name__ == "__main__":

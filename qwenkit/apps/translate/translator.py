@@ -1,0 +1,158 @@
+"""Translation with a Qwen model behind any chat client (qwenkit.Client: on-device, a server, or a route file).
+
+One short system prompt names the two languages; glossary entries whose source term occurs in the text are added
+to it, so names and product terms come out as the user wants. The prompt is the same for every sentence without
+glossary hits, so the serving engine's prefix cache holds it and each sentence costs only its own tokens.
+
+`translate(text, prefix=...)` continues an answer that must start with `prefix` (the part of a live caption
+already on screen), sent as a final assistant message with continue_final_message: the model writes what follows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from qwenkit.errors import BadData, QwenkitError
+
+LANGUAGES = {
+    "zh": "Mandarin Chinese", "en": "English", "ja": "Japanese", "ko": "Korean", "fr": "French", "de": "German",
+    "es": "Spanish", "it": "Italian", "pt": "Portuguese", "ru": "Russian", "ar": "Arabic", "vi": "Vietnamese",
+    "th": "Thai", "id": "Indonesian", "nl": "Dutch", "tr": "Turkish", "pl": "Polish", "yue": "Cantonese",
+}
+# What the model is asked to write, where the spoken name is not the written one.
+WRITTEN = {"yue": "Traditional Chinese"}
+# Into Chinese, the instruction is given in Chinese: asked in English, Qwen2.5-Coder-0.5B tends to announce its
+# translation ("翻译成简化的中文是：...") instead of giving it.
+IN_CHINESE = {"en": "英文", "ja": "日文", "ko": "韩文", "fr": "法文", "de": "德文", "es": "西班牙文", "it": "意大利文",
+              "pt": "葡萄牙文", "ru": "俄文", "ar": "阿拉伯文", "vi": "越南文", "th": "泰文", "id": "印尼文",
+              "nl": "荷兰文", "tr": "土耳其文", "pl": "波兰文", "yue": "粤语"}
+
+
+class ChatClient(Protocol):
+    def chat(self, messages: list[dict], *, stream: bool = False, **params: Any) -> Any: ...
+
+
+class TranslationError(QwenkitError):
+    """The model behind the translator failed (every backend of a route included)."""
+
+
+@dataclass(frozen=True)
+class Term:
+    source: str
+    target: str
+
+
+def language_name(code: str) -> str:
+    try:
+        return LANGUAGES[code]
+    except KeyError:
+        raise BadData(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES))}") from None
+
+
+def system_prompt(source: str, target: str) -> str:
+    """The translator's instruction (also what scripts/hsk_tune_data.py trains an adapter with)."""
+    if target == "zh" and source in IN_CHINESE:
+        return f"把用户的{IN_CHINESE[source]}翻译成自然的简体中文。只输出译文。"
+    return (f"Translate the user's {language_name(source)} into natural {WRITTEN.get(target, language_name(target))}. "
+            "Reply with the translation only.")
+
+
+def read_glossary(path: str | Path) -> list[Term]:
+    """Terms from a file: a JSON object {"source": "target"}, or lines `source<TAB>target` / `source = target`
+    (blank lines and lines starting with # are skipped). Errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadData(f"{path}: cannot read the glossary ({e})") from None
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise BadData(f"{path}: invalid JSON ({e})") from None
+        if not all(isinstance(k, str) and isinstance(v, str) and k.strip() and v.strip() for k, v in data.items()):
+            raise BadData(f"{path}: a JSON glossary maps non-empty source strings to non-empty target strings")
+        return [Term(k.strip(), v.strip()) for k, v in data.items()]
+    terms = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        source, sep, target = line.partition("\t") if "\t" in line else line.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise BadData(f"{path}:{number}: expected `source<TAB>target` or `source = target`, got {line!r}")
+        terms.append(Term(source.strip(), target.strip()))
+    return terms
+
+
+class Translator:
+    """Text in one language to another through `chat` (greedy by default, so a sentence always reads the same)."""
+
+    def __init__(self, chat: ChatClient, source: str = "zh", target: str = "en", *,
+                 glossary: Iterable[Term] = (), model: str | None = None, temperature: float = 0.0,
+                 max_tokens: int | None = None):
+        if source == target:
+            raise BadData(f"source and target language are both {source!r}")
+        self.chat, self.source, self.target = chat, source, target
+        self.glossary = list(glossary)
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.system = system_prompt(source, target)
+
+    def messages(self, text: str) -> list[dict]:
+        system = self.system
+        hits = [t for t in self.glossary if t.source.lower() in text.lower()]
+        if hits:
+            system += " Translate these terms exactly as given: " + "; ".join(
+                f"{t.source} = {t.target}" for t in hits) + "."
+        return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+    def budget(self, text: str) -> int:
+        """Enough tokens for a translation of `text`, not enough for a runaway answer."""
+        return self.max_tokens or min(512, 24 + 3 * len(text))
+
+    def translate(self, text: str, prefix: str = "") -> str:
+        """The translation of `text`, starting with `prefix` when one is given. Empty text gives ''."""
+        text = text.strip()
+        if not text:
+            return ""
+        messages = self.messages(text)
+        params: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.budget(text),
+                                  "stop": ["\n\n"]}
+        if self.model is not None:
+            params["model"] = self.model
+        if prefix:
+            messages.append({"role": "assistant", "content": prefix})
+            params.update(add_generation_prompt=False, continue_final_message=True)
+        try:
+            reply = self.chat.chat(messages, stream=False, **params)
+        except Exception as e:  # a route whose every backend failed, a server that went away, a refused request
+            raise TranslationError(f"translation failed: {e}") from e
+        content = _content(reply)
+        return clean(prefix + content if prefix else content, keep=prefix)
+
+
+def _content(reply: Any) -> str:
+    if isinstance(reply, dict):
+        if "error" in reply:
+            raise TranslationError(f"translation failed: {reply['error']}")
+        return reply["choices"][0]["message"].get("content") or ""
+    return getattr(reply, "text", "") or ""
+
+
+_QUOTES = {'"': '"', "“": "”", "「": "」", "'": "'"}
+
+
+def clean(text: str, keep: str = "") -> str:
+    """One caption line: the first non-empty line, without quotes the model wrapped around the whole of it."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    if keep and not out.startswith(keep.strip()):
+        out = keep.strip()  # the model broke the line right after the fixed part
+    if len(out) > 1 and out[0] in _QUOTES and out.endswith(_QUOTES[out[0]]) and not keep:
+        out = out[1:-1].strip()
+    return re.sub(r"\s+", " ", out)

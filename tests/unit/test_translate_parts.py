@@ -1,0 +1,351 @@
+"""The pieces of live captions, each against a reference where one exists: audio decoding against faster-whisper's
+decode_audio, streaming VAD against faster-whisper's whole-file Silero pass, plus agreement, subtitles, the
+glossary, the translator's requests and the web page's event stream. No model weights are needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwenkit.apps.translate.agreement import common_text, common_tokens, units
+from qwenkit.apps.translate.asr import repeats_itself
+from qwenkit.apps.translate.audio import AudioError, file_chunks, paced, pcm_chunks
+from qwenkit.apps.translate.captioner import Caption
+from qwenkit.apps.translate.outputs import JsonlWriter, SrtWriter, TerminalView, srt_time
+from qwenkit.apps.translate.scoring import assign, char_error_rate, normalize_zh
+from qwenkit.apps.translate.translator import Term, Translator, clean, read_glossary
+from qwenkit.apps.translate.vad import FRAME, SileroStream, SpeechDetector, VadOptions
+from qwenkit.errors import BadData
+
+CLIPS = Path(__file__).resolve().parents[1] / "fixtures" / "hsk-audio"
+
+
+def clip(name: str = "hsk1-0027") -> np.ndarray:
+    return np.concatenate(list(file_chunks(CLIPS / f"{name}.mp3")))
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+# ---- audio -------------------------------------------------------------------------------------------------------
+def test_file_decoding_matches_faster_whisper():
+    from faster_whisper.audio import decode_audio
+
+    ours = clip()
+    ref = decode_audio(str(CLIPS / "hsk1-0027.mp3"))
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 2 / 32768  # theirs goes through int16, ours stays float: one LSB
+
+
+def test_chunks_are_a_tenth_of_a_second_and_lose_nothing():
+    chunks = list(file_chunks(CLIPS / "hsk3-0622.mp3"))
+    assert all(c.size == 1600 for c in chunks[:-1]) and 0 < chunks[-1].size <= 1600
+    assert np.array_equal(np.concatenate(chunks), clip("hsk3-0622"))
+
+
+def test_raw_pcm_is_resampled_and_downmixed(tmp_path):
+    speech = clip()
+    s16 = (speech * 32767).astype("<i2").tobytes()
+    same = np.concatenate(list(pcm_chunks(io.BytesIO(s16), rate=16000)))
+    assert same.shape == speech.shape and np.abs(same - speech).max() < 1e-4
+    # 8 kHz stereo float: half the samples, two channels; resampled back it keeps the length and the signal
+    stereo = np.stack([speech[::2], speech[::2]], axis=1).astype("<f4").tobytes()
+    up = np.concatenate(list(pcm_chunks(io.BytesIO(stereo), rate=8000, fmt="f32le", channels=2)))
+    assert abs(up.size - speech.size) <= 16
+    n = min(up.size, speech.size)
+    assert np.corrcoef(up[:n], speech[:n])[0, 1] > 0.95
+    # a stream cut in the middle of a sample frame keeps the whole frames
+    odd = np.concatenate(list(pcm_chunks(io.BytesIO(s16[:-1]), rate=16000)))
+    assert odd.size == speech.size - 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rate": 100}, "sample rate 100 Hz is out of range"),
+    ({"rate": 10_000_000}, "out of range"),
+    ({"fmt": "mulaw"}, "PCM format 'mulaw'"),
+    ({"channels": 0}, "channels must be 1 to 8"),
+])
+def test_bad_pcm_parameters_are_named(kwargs, message):
+    with pytest.raises(AudioError, match=message):
+        pcm_chunks(io.BytesIO(b"\0" * 100), **kwargs)
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    (tmp_path / "notes.mp3").write_text("this is not audio\n" * 50)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    cases = {"missing.wav": "no such file", "empty.mp3": "the file is empty", "notes.mp3": "not an audio file",
+             "image.png": "not an audio file|no audio stream", "": "is a folder"}
+    for name, message in cases.items():
+        with pytest.raises(AudioError, match=message) as info:
+            list(file_chunks(tmp_path / name))
+        assert str(tmp_path / name) in str(info.value)
+
+
+def test_a_truncated_file_decodes_what_it_has(tmp_path):
+    whole = (CLIPS / "hsk1-0027.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(whole[:len(whole) // 2])
+    samples = np.concatenate(list(file_chunks(tmp_path / "cut.mp3")))
+    assert 0.3 * clip().size < samples.size < 0.7 * clip().size
+
+
+def test_wav_at_another_rate_is_resampled(tmp_path):
+    speech = clip()
+    path = write_wav(tmp_path / "8k.wav", speech[::2], rate=8000)
+    back = np.concatenate(list(file_chunks(path)))
+    assert abs(back.size - speech.size) <= 16
+
+
+def test_paced_releases_chunks_in_real_time():
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    chunks = [np.zeros(1600, np.float32)] * 5
+    out = []
+    for c in paced(chunks, clock=lambda: now[0], sleep=sleep):
+        out.append(now[0])
+    assert out == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    now[0], slept[:] = 0.0, []
+    list(paced(chunks, speed=2.0, clock=lambda: now[0], sleep=sleep))
+    assert now[0] == pytest.approx(0.25)
+
+
+# ---- voice activity ------------------------------------------------------------------------------------------------
+def speech_with_pauses() -> np.ndarray:
+    silence = np.zeros(16000, dtype=np.float32)
+    audio = np.concatenate([silence, clip("hsk1-0027"), silence, clip("hsk4-0671"), silence[:8000]])
+    return audio[:audio.size // FRAME * FRAME]
+
+
+def test_streaming_vad_equals_faster_whispers_whole_file_pass():
+    from faster_whisper.vad import get_vad_model
+
+    audio = speech_with_pauses()
+    reference = get_vad_model()(audio).reshape(-1)
+    stream, rng, got, i = SileroStream(), np.random.default_rng(0), [], 0
+    while i < audio.size:  # pieces of random sizes, most not a whole number of frames
+        n = int(rng.integers(1, 4000))
+        got.append(stream.feed(audio[i:i + n]))
+        i += n
+    assert np.array_equal(np.concatenate(got), reference)
+
+
+def test_utterances_equal_faster_whispers_speech_timestamps():
+    from faster_whisper.vad import VadOptions as TheirOptions
+    from faster_whisper.vad import get_speech_timestamps
+
+    audio = speech_with_pauses()
+    ours = SpeechDetector(VadOptions(min_speech=0.0))
+    found = ours.feed(audio) + ours.flush()
+    theirs = get_speech_timestamps(audio, TheirOptions(threshold=0.5, neg_threshold=0.35, min_silence_duration_ms=400,
+                                                       speech_pad_ms=0))
+    assert [(u.start, u.end) for u in found] == [(t["start"], t["end"]) for t in theirs]
+    assert len(found) == 2
+
+
+def test_pause_is_announced_before_the_end_and_long_speech_is_cut():
+    audio = speech_with_pauses()
+    det = SpeechDetector()
+    pauses, ends = [], []
+    for i in range(0, audio.size, 1600):
+        ends += det.feed(audio[i:i + 1600])
+        if det.pause_at is not None and (not pauses or pauses[-1] != det.pause_at):
+            pauses.append(det.pause_at)
+    assert [u.end for u in ends] == [p for p in pauses if p in {u.end for u in ends}]
+    assert all(any(p == u.end for p in pauses) for u in ends)  # every end was a pause first
+    long = np.concatenate([clip("hsk1-0027")] * 4)
+    cut = SpeechDetector(VadOptions(max_speech=3.0))
+    pieces = cut.feed(long) + cut.flush()
+    assert len(pieces) >= 3 and all(p.end - p.start <= 3.0 * 16000 + FRAME for p in pieces)
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]) if b.start - a.end < FRAME)
+
+
+def test_silence_and_noise_hold_no_speech():
+    det = SpeechDetector()
+    assert det.feed(np.zeros(48000, np.float32)) == [] and det.flush() == []
+    rng = np.random.default_rng(1)
+    det = SpeechDetector()
+    found = det.feed(rng.normal(0, 0.05, 48000).astype(np.float32)) + det.flush()
+    assert sum(u.end - u.start for u in found) < 0.5 * 48000
+
+
+# ---- agreement, hallucination guard -----------------------------------------------------------------------------
+def test_local_agreement():
+    assert common_tokens([1, 2, 3, 4], [1, 2, 5]) == [1, 2]
+    assert common_text("My mom is a teacher.", "My mom is a teacher, my dad") == "My mom is a"
+    assert common_text("He works", "He works in Beijing.") == "He works"
+    assert common_text("He wor", "He works in Beijing.") == "He"  # a cut word is not agreed on
+    assert common_text("我妈妈是老师", "我妈妈是老") == "我妈妈是老"
+    assert units("我是 ok, fine") == ["我", "是", " ok,", " fine"]
+
+
+def test_repetition_is_recognised():
+    assert repeats_itself([5, 6, 7, 5, 6, 7])
+    assert repeats_itself([1, 2, 9, 9, 8, 9, 9, 8])
+    assert not repeats_itself([1, 2, 3, 4, 5, 6])
+    assert repeats_itself([1], text="今天是我的生日" * 5)
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+def caption(i, start, end, source, text, final=True, **kw) -> Caption:
+    return Caption(index=i, start=start, end=end, source=source, text=text, final=final, **kw)
+
+
+def test_srt_and_jsonl(tmp_path):
+    assert srt_time(3723.4567) == "01:02:03,457" and srt_time(-1) == "00:00:00,000"
+    srt, jsonl = SrtWriter(tmp_path / "a.srt"), JsonlWriter(tmp_path / "a.jsonl")
+    for c in [caption(1, 0.384, 2.432, "我妈妈是老师", "My mom is a teacher."),
+              caption(2, 3.0, 3.9, "他在", "He is", final=False),
+              caption(2, 3.0, 3.1, "他在北京", "He is in Beijing."), caption(3, 5.0, 6.0, "", "")]:
+        srt.add(c)
+        jsonl.add(c)
+    srt.close()
+    jsonl.close()
+    assert (tmp_path / "a.srt").read_text(encoding="utf-8") == (
+        "1\n00:00:00,384 --> 00:00:02,432\nMy mom is a teacher.\n我妈妈是老师\n\n"
+        "2\n00:00:03,000 --> 00:00:03,500\nHe is in Beijing.\n他在北京\n\n")
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in rows] == [1, 2, 3] and all(r["final"] for r in rows)
+    assert rows[0] == {"index": 1, "start": 0.384, "end": 2.432, "source": "我妈妈是老师", "text": "My mom is a teacher.",
+                       "final": True, "source_fixed": "", "text_fixed": "", "latency": None}
+
+
+def test_terminal_view_redraws_on_a_tty_and_prints_lines_elsewhere():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    view = TerminalView(tty)
+    view.add(caption(1, 0, 1, "我妈妈", "My mom", final=False, text_fixed="My"))
+    view.add(caption(1, 0, 2, "我妈妈是老师", "My mom is a teacher."))
+    view.close()
+    out = tty.getvalue()
+    assert "\x1b[1mMy\x1b[0m\x1b[90m mom\x1b[0m" in out  # fixed bright, the rest grey
+    assert out.count("\x1b[1A\x1b[2K") == 2  # the two partial lines erased before the final ones
+    assert out.endswith("\x1b[1mMy mom is a teacher.\x1b[0m\n")
+    pipe = io.StringIO()
+    view = TerminalView(pipe)
+    view.add(caption(1, 0, 1, "我妈妈", "My mom", final=False))
+    view.add(caption(1, 0, 2, "我妈妈是老师", "My mom is a teacher."))
+    assert pipe.getvalue() == "My mom is a teacher.\n"
+
+
+def test_scoring_assigns_captions_to_clips():
+    spans = [(0.0, 2.0), (3.0, 5.0)]
+    caps = [caption(1, 0.1, 1.0, "我妈", "My"), caption(2, 1.1, 2.2, "妈", "mom"), caption(3, 3.2, 4.0, "他", "He"),
+            caption(4, 9.0, 9.5, "噪", "noise"), caption(5, 3.0, 4.0, "x", "y", final=False)]
+    groups = assign(caps, spans)
+    assert [[c.index for c in g] for g in groups] == [[1, 2], [3]]
+    assert normalize_zh("我們，好！ OK") == "我们好OK"
+    assert char_error_rate(["我妈妈是老师。"], ["我妈妈是老师"]) == 0.0
+    assert char_error_rate(["我妈妈是老师"], ["我妈是老"]) == pytest.approx(2 / 6)
+
+
+# ---- glossary and translator -------------------------------------------------------------------------------------
+def test_glossary_files(tmp_path):
+    (tmp_path / "g.tsv").write_text("# names\n王小明\tWang Xiaoming\n\n通义 = Tongyi\n", encoding="utf-8")
+    assert read_glossary(tmp_path / "g.tsv") == [Term("王小明", "Wang Xiaoming"), Term("通义", "Tongyi")]
+    (tmp_path / "g.json").write_text('{"千问": "Qwen"}', encoding="utf-8")
+    assert read_glossary(tmp_path / "g.json") == [Term("千问", "Qwen")]
+    (tmp_path / "bad.tsv").write_text("王小明\tWang\nno separator here\n", encoding="utf-8")
+    with pytest.raises(BadData, match=r"bad.tsv:2: expected"):
+        read_glossary(tmp_path / "bad.tsv")
+    with pytest.raises(BadData, match="cannot read"):
+        read_glossary(tmp_path / "missing.tsv")
+    (tmp_path / "bad.json").write_text('{"a": 3}', encoding="utf-8")
+    with pytest.raises(BadData, match="non-empty target strings"):
+        read_glossary(tmp_path / "bad.json")
+
+
+class RecordingChat:
+    """A chat client that records requests and answers from a list (an OpenAI chat.completion dict each)."""
+
+    def __init__(self, *answers: str):
+        self.answers, self.requests = list(answers), []
+
+    def chat(self, messages, stream=False, **params):
+        self.requests.append((messages, params))
+        return {"choices": [{"message": {"role": "assistant", "content": self.answers.pop(0)}}]}
+
+
+def test_translator_requests():
+    chat = RecordingChat("My mom is a teacher.\n\nNote: 妈妈 means mom.", " a worker.", '"Hello."')
+    t = Translator(chat, "zh", "en", glossary=[Term("王小明", "Wang Xiaoming")])
+    assert t.translate("我妈妈是老师。") == "My mom is a teacher."
+    messages, params = chat.requests[0]
+    assert messages == [{"role": "system", "content": "Translate the user's Mandarin Chinese into natural English. "
+                         "Reply with the translation only."}, {"role": "user", "content": "我妈妈是老师。"}]
+    assert params["temperature"] == 0.0 and params["stop"] == ["\n\n"] and "continue_final_message" not in params
+    assert t.translate("王小明是工人。", prefix="Wang Xiaoming is") == "Wang Xiaoming is a worker."
+    messages, params = chat.requests[1]
+    assert "王小明 = Wang Xiaoming" in messages[0]["content"]
+    assert messages[-1] == {"role": "assistant", "content": "Wang Xiaoming is"}
+    assert params["add_generation_prompt"] is False and params["continue_final_message"] is True
+    assert t.translate("你好") == "Hello."
+    assert t.translate("   ") == "" and len(chat.requests) == 3  # nothing to translate: no request
+    assert Translator(chat, "en", "zh").system == "把用户的英文翻译成自然的简体中文。只输出译文。"
+    assert "natural Traditional Chinese" in Translator(chat, "en", "yue").system
+    with pytest.raises(BadData, match="unknown language code 'xx'"):
+        Translator(chat, "xx", "en")
+
+
+def test_clean_keeps_the_fixed_prefix():
+    assert clean("“Hello there.”") == "Hello there."
+    assert clean("He is\nsomething else", keep="He is") == "He is"
+    assert clean("\n\n  Two   spaces  ") == "Two spaces"
+
+
+# ---- the web page's event stream ---------------------------------------------------------------------------------
+def test_caption_server_streams_history_then_live_events():
+    from qwenkit.apps.translate.web import CaptionServer
+
+    server = CaptionServer("127.0.0.1", 0)
+    try:
+        server.add(caption(1, 0, 1, "我", "I"))
+        page = urllib.request.urlopen(server.url, timeout=5).read().decode()
+        assert "EventSource" in page
+        got: list[str] = []
+
+        def listen():
+            with urllib.request.urlopen(server.url + "events", timeout=10) as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                for raw in r:
+                    got.append(raw.decode())
+                    if raw.startswith(b"event: end"):
+                        return
+
+        reader = threading.Thread(target=listen)
+        reader.start()
+        deadline = time.monotonic() + 5
+        while not any('"index": 1' in line for line in got) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.add(caption(2, 2, 3, "他", "He", final=False))
+        server.add(caption(2, 2, 3, "他在", "He is."))
+        assert json.loads(urllib.request.urlopen(server.url + "captions", timeout=5).read())[1]["text"] == "He is."
+    finally:
+        server.close()
+    reader.join(10)
+    data = [json.loads(line[6:]) for line in got if line.startswith("data: {") and line != "data: {}\n"]
+    assert [(d["index"], d["final"]) for d in data] == [(1, True), (2, False), (2, True)]
+    assert "event: end\n" in got
+    ids = [int(line[4:]) for line in got if line.startswith("id: ")]
+    assert ids == sorted(ids) and len(ids) == 3
