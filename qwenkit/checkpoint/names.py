@@ -83,6 +83,23 @@ def hf_target(name: str, config: ModelConfig) -> Target | None:
     return Target(f"{stem}.gate_up_proj", (expert, half))
 
 
+def hf_tensors(name: str, tensor, config: ModelConfig) -> dict:
+    """The Hugging Face tensors a model parameter is written as (`qwenkit merge`): itself, except the stacked
+    experts, which become the per-expert tensors of the released MoE checkpoints (what hf_target reads back)."""
+    m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj$", name)
+    if not m:
+        return {name: tensor}
+    stem, i = m.group(1), config.moe_intermediate_size
+    out = {}
+    for e in range(tensor.shape[0]):
+        if m.group(2) == "down":
+            out[f"{stem}.{e}.down_proj.weight"] = tensor[e].contiguous()
+        else:
+            out[f"{stem}.{e}.gate_proj.weight"] = tensor[e, :i].contiguous()
+            out[f"{stem}.{e}.up_proj.weight"] = tensor[e, i:].contiguous()
+    return out
+
+
 def hf_to_gguf(name: str) -> list[str]:
     """The GGUF tensor names a model parameter is written as (GGUF export).
 
