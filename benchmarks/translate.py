@@ -95,7 +95,7 @@ def main() -> int:
     import sacrebleu
 
     from qwenkit import hub
-    from qwenkit.apps.backend import open_chat
+    from qwenkit.apps.backend import local_tokenizer, open_chat
     from qwenkit.apps.translate.asr import WhisperASR
     from qwenkit.apps.translate.audio import paced
     from qwenkit.apps.translate.captioner import Captioner
@@ -107,7 +107,7 @@ def main() -> int:
     asr = WhisperASR(hub.pull(args.asr_model), threads=args.threads, beam_size=args.beam_size,
                      context_pad=args.context_pad)
     chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
-    translator = Translator(chat, model="adapter" if args.adapter else None)
+    translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat))
     captioner = Captioner(asr, translator, partials=not (args.fast or args.no_partials))
     translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on, as in a running session
     share = busy_share(2.0)
@@ -142,7 +142,7 @@ def main() -> int:
         "rtf": round(stats.rtf, 3), "wall_over_audio": round(wall / (samples.size / 16000), 3),
         "asr_seconds": round(stats.asr_seconds, 2), "mt_seconds": round(stats.mt_seconds, 2),
         "asr_calls": stats.asr_calls, "mt_calls": stats.mt_calls, "fallbacks": stats.fallbacks,
-        "finals": len(finals), "finals_ready_at_end": stats.reused,
+        "finals": len(finals), "finals_ready_at_end": stats.reused, "guarded_retries": translator.retries,
         "clips_without_caption": sum(1 for g in groups if not g),
     }
     latencies = [c.latency for c in finals if c.latency is not None]

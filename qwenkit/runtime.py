@@ -86,7 +86,12 @@ class Model:
         )
 
     def _params(self, thinking: bool, sampling: dict[str, Any]) -> SamplingParams:
-        return SamplingParams.from_kwargs(self.checkpoint.sampling_defaults(thinking), **sampling)
+        params = SamplingParams.from_kwargs(self.checkpoint.sampling_defaults(thinking), **sampling)
+        outside = [t for t in params.logit_bias if t >= self.config.vocab_size]
+        if outside:
+            raise BadRequest(f"logit_bias: token id {outside[0]} is outside the vocabulary "
+                             f"({self.config.vocab_size} tokens)")
+        return params
 
     def _budget(self, prompt_ids: list[int], params: SamplingParams) -> int:
         room = self.context_length - len(prompt_ids)

@@ -60,3 +60,13 @@ def open_from_args(args: argparse.Namespace, default_model: str, lora: dict[str,
     model = args.model if (args.model or args.route or args.base_url) else default_model
     return open_chat(model if not args.route else None, route=args.route, base_url=args.base_url,
                      api_key=args.api_key, threads=args.threads, lora=lora)
+
+
+def local_tokenizer(client: Client):
+    """The tokenizer of a model loaded in this process, or None. Every Qwen model shares one vocabulary, so its
+    token ids also mean the same to a hosted Qwen (for logit_bias)."""
+    for backend in client.router.backends:
+        service = getattr(backend, "service", None)
+        if not backend.remote and service is not None and service.ready:
+            return service.model.tokenizer
+    return None

@@ -1,7 +1,7 @@
 """Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
 
-Order follows vLLM and transformers: penalties on the raw logits, then temperature, then the truncations, then a
-draw from a per-request torch.Generator (same seed, same tokens). Reported logprobs are those of the model's raw
+Order follows vLLM and transformers: penalties and logit_bias on the raw logits, then temperature, then the
+truncations, then a draw from a per-request torch.Generator (same seed, same tokens). Reported logprobs are those of the model's raw
 distribution, before any of these transformations, as OpenAI-compatible servers report them.
 """
 
@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +76,10 @@ class SamplingParams:
             raise BadRequest(f"stop must be a string or a list of strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(integer(t) and t >= 0 for t in self.stop_token_ids):
             raise BadRequest(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or not all(integer(k) and k >= 0 and number(v) and -100 <= v <= 100
+                                                 for k, v in bias.items()):
+            raise BadRequest("logit_bias must map token ids to numbers from -100 to 100")
 
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> SamplingParams:
@@ -107,6 +112,8 @@ class Sampler:
         self.constraint = constraint  # qwenkit.engine.grammar.Constraint: masks tokens the grammar forbids
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.bias_ids = torch.tensor(sorted(params.logit_bias), dtype=torch.long)
+        self.bias_values = torch.tensor([float(params.logit_bias[i]) for i in sorted(params.logit_bias)])
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)
         if prompt_ids:
@@ -128,6 +135,8 @@ class Sampler:
         p = self.params
         raw = logits.float()
         x = self.penalise(raw.clone())
+        if self.bias_ids.numel():
+            x[self.bias_ids] += self.bias_values
         if self.constraint is not None:
             self.constraint.mask(x)
         if p.greedy:

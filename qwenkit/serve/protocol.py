@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qwenkit.errors import BadRequest
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -128,6 +130,7 @@ class Sampling(Strict):
     n: int = Field(default=1, ge=1, le=64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as in OpenAI's API) -> bias in [-100, 100]
     max_tokens: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -138,6 +141,11 @@ class Sampling(Strict):
         keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                 "repetition_penalty", "seed", "max_tokens", "stop_token_ids")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.logit_bias:
+            try:
+                out["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise BadRequest("logit_bias: keys must be token ids (integers as strings)") from None
         if self.stop is not None:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return out
@@ -217,6 +225,6 @@ class DetokenizeRequest(Strict):
 
 # Known OpenAI fields this server does not implement: rejected with a clearer message than "unknown field".
 UNSUPPORTED_FIELDS = frozenset({
-    "logit_bias", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+    "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
     "reasoning_effort", "best_of", "store", "metadata", "service_tier", "verbosity", "prompt_cache_key",
 })

@@ -210,7 +210,7 @@ def test_malformed_tool_call_comes_back_as_content(tiny_model):
     ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, "messages[0].colour", "messages[0].colour",
      "unknown_parameter"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "messages[0].content", "invalid_type"),
-    ({"messages": HELLO, "logit_bias": {}}, "not supported", "logit_bias", "unsupported_parameter"),
+    ({"messages": HELLO, "functions": []}, "not supported", "functions", "unsupported_parameter"),
     ({"messages": HELLO, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x", "stream_options.x",
      "unknown_parameter"),
     ({}, "missing required field 'messages'", "messages", "missing_parameter"),
@@ -277,6 +277,20 @@ def test_failed_load_is_503_with_the_reason():
         assert (c.get("/health").status_code, c.get("/health").json()) == (503, {"status": "failed"})
         assert_error(c.get("/v1/models"), 503, "truncated", code="model_load_failed")
     assert service.state == "failed"  # shutting down keeps the reason the server exits with
+
+
+def test_logit_bias_moves_the_choice_and_bad_biases_are_400(client, tiny_model):
+    token = tiny_model.chat(HELLO, temperature=0, max_tokens=1).tokens[0]
+    first = chat(client, temperature=0, max_tokens=1, logprobs=True).json()["choices"][0]["logprobs"]["content"][0]
+    assert first["bytes"] == list(tiny_model.tokenizer.token_bytes(token))
+    other = chat(client, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(token): -100}).json()
+    other = other["choices"][0]["logprobs"]["content"][0]
+    assert other["bytes"] != first["bytes"]
+    assert other["logprob"] < first["logprob"]  # logprobs stay the model's own: the banned token was the likeliest
+    vocab = tiny_model.config.vocab_size
+    assert_error(chat(client, logit_bias={str(vocab): 5}), 400, "outside the vocabulary")
+    assert_error(chat(client, logit_bias={"abc": 5}), 400, "logit_bias")
+    assert_error(chat(client, logit_bias={"3": 500}), 400, "-100 to 100")
 
 
 def test_lora_adapters_are_models_a_request_chooses(tiny_hf_path, tmp_path):

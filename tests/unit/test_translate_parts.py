@@ -308,6 +308,23 @@ def test_translator_requests():
         Translator(chat, "xx", "en")
 
 
+def test_a_copied_chinese_term_is_asked_again_with_its_tokens_banned():
+    class Vocabulary:  # stands in for a Qwen tokenizer: the ids it gives are what the bias names
+        def encode(self, text):
+            return [1000 + ord(c) % 97 for c in text]
+
+    chat = RecordingChat("He主持 the meeting.", " chaired the meeting.", "他主持了会议。")
+    t = Translator(chat, "zh", "en", vocabulary=Vocabulary())
+    assert t.translate("他主持了会议。") == "He chaired the meeting." and t.retries == 1
+    messages, params = chat.requests[1]
+    assert messages[-1] == {"role": "assistant", "content": "He"} and params["continue_final_message"] is True
+    banned = {str(i) for form in ("主持", " 主持") for i in Vocabulary().encode(form)}
+    assert set(params["logit_bias"]) == banned and set(params["logit_bias"].values()) == {-100.0}
+    assert "logit_bias" not in chat.requests[0][1]
+    into_chinese = Translator(chat, "en", "zh", vocabulary=Vocabulary())  # Chinese output is not a leak there
+    assert into_chinese.translate("He chaired the meeting.") == "他主持了会议。" and into_chinese.retries == 0
+
+
 def test_clean_keeps_the_fixed_prefix():
     assert clean("“Hello there.”") == "Hello there."
     assert clean("He is\nsomething else", keep="He is") == "He is"

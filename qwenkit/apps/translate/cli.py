@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenkit.apps.backend import open_from_args
+    from qwenkit.apps.backend import local_tokenizer, open_from_args
     from qwenkit.apps.translate.translator import Translator, language_name, read_glossary
     from qwenkit.hub import DEFAULT_MODEL
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     chat = open_from_args(args, DEFAULT_MODEL, lora={ADAPTER: args.adapter} if args.adapter else None)
     try:
         translator = Translator(chat, args.source, args.target, glossary=glossary,
-                                model=ADAPTER if args.adapter else None)
+                                model=ADAPTER if args.adapter else None, vocabulary=local_tokenizer(chat))
         if args.text:
             return _translate_lines(translator, lines)
         return _caption(args, asr, translator, chunks, live)

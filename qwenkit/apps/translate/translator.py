@@ -6,6 +6,11 @@ glossary hits, so the serving engine's prefix cache holds it and each sentence c
 
 `translate(text, prefix=...)` continues an answer that must start with `prefix` (the part of a live caption
 already on screen), sent as a final assistant message with continue_final_message: the model writes what follows.
+
+Into a language not written in Chinese characters, a small model sometimes copies a term it does not know
+("He trains the田径."). Given a Qwen tokenizer (`vocabulary`: the whole Qwen family shares one), the translator then
+asks again from just before the copied term, with those characters' tokens banned through OpenAI's logit_bias, so
+the model writes its next best guess in the target language (at most MAX_RETRIES times).
 """
 
 from __future__ import annotations
@@ -95,13 +100,15 @@ class Translator:
 
     def __init__(self, chat: ChatClient, source: str = "zh", target: str = "en", *,
                  glossary: Iterable[Term] = (), model: str | None = None, temperature: float = 0.0,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, vocabulary: Any = None):
         if source == target:
             raise BadData(f"source and target language are both {source!r}")
         self.chat, self.source, self.target = chat, source, target
         self.glossary = list(glossary)
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.vocabulary = vocabulary if target not in CJK_TARGETS else None  # None: no guard against copied terms
         self.system = system_prompt(source, target)
+        self.retries = 0  # guarded re-asks so far
 
     def messages(self, text: str) -> list[dict]:
         system = self.system
@@ -120,11 +127,26 @@ class Translator:
         text = text.strip()
         if not text:
             return ""
+        out = self._ask(text, prefix, {})
+        banned: dict[str, float] = {}
+        for _ in range(MAX_RETRIES if self.vocabulary is not None else 0):
+            leak = _CJK.search(out, len(prefix))
+            if leak is None:
+                break
+            self.retries += 1
+            for form in (leak.group(), " " + leak.group()):
+                banned.update({str(t): -100.0 for t in self.vocabulary.encode(form)})
+            out = self._ask(text, out[:leak.start()], banned)
+        return out
+
+    def _ask(self, text: str, prefix: str, logit_bias: dict[str, float]) -> str:
         messages = self.messages(text)
         params: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.budget(text),
                                   "stop": ["\n\n"]}
         if self.model is not None:
             params["model"] = self.model
+        if logit_bias:
+            params["logit_bias"] = logit_bias
         if prefix:
             messages.append({"role": "assistant", "content": prefix})
             params.update(add_generation_prompt=False, continue_final_message=True)
@@ -142,6 +164,11 @@ def _content(reply: Any) -> str:
             raise TranslationError(f"translation failed: {reply['error']}")
         return reply["choices"][0]["message"].get("content") or ""
     return getattr(reply, "text", "") or ""
+
+
+_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]+")
+CJK_TARGETS = {"zh", "yue", "ja", "ko"}
+MAX_RETRIES = 3
 
 
 _QUOTES = {'"': '"', "“": "”", "「": "」", "'": "'"}
