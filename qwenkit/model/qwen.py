@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from qwenkit.model.config import ModelConfig
@@ -87,7 +88,7 @@ class Attention(nn.Module):
         mask = masks.get(self.window)
         if t == 1 and mask is None:
             out = decode_attention(q, k, v)
-        elif cache is None and self.window is None:  # a whole sequence at once (training, scoring): plain causal
+        elif mask is None:  # a whole sequence at once (training, scoring): plain causal, no mask to build
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
             out = F.scaled_dot_product_attention(
@@ -120,16 +121,17 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def attention_masks(windows: set[int | None], start: int, t: int, device: torch.device) -> dict:
+def attention_masks(windows: set[int | None], start: int, t: int, device: torch.device, cached: bool = True) -> dict:
     """Boolean masks [t, start + t] (True = may attend) for each window size in use; None means full attention.
 
-    A single decode step with full attention needs no mask at all: it may see every cached key.
+    A single decode step with full attention needs no mask at all: it may see every cached key; nor does a whole
+    sequence without a cache (cached=False), which attention runs as plain causal.
     """
     q_pos = torch.arange(start, start + t, device=device)[:, None]
     k_pos = torch.arange(start + t, device=device)[None, :]
     masks: dict = {}
     for w in windows:
-        if w is None and t == 1:
+        if w is None and (t == 1 or not cached):
             masks[w] = None
             continue
         allowed = k_pos <= q_pos
@@ -139,6 +141,26 @@ def attention_masks(windows: set[int | None], start: int, t: int, device: torch.
     return masks
 
 
+def packed_masks(windows: set[int | None], segments: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Positions [B, T] and masks [B, 1, T, T] for rows that pack several sequences: `segments` [B, T] numbers the
+    sequence each token belongs to (non-decreasing along a row). A token attends causally within its own sequence
+    only, and positions restart at 0 with each sequence, so a packed row computes what its sequences would alone."""
+    b, t = segments.shape
+    index = torch.arange(t, device=segments.device).expand(b, t)
+    starts = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    positions = index - first
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = index[:, :, None] >= index[:, None, :]
+    masks = {}
+    for w in windows:
+        allowed = same & causal
+        if w is not None:
+            allowed = allowed & (index[:, :, None] - index[:, None, :] < w)
+        masks[w] = allowed[:, None]
+    return positions, masks
+
+
 class QwenForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -146,6 +168,7 @@ class QwenForCausalLM(nn.Module):
         self.model = Backbone(config)
         self.rotary = Rotary(config)
         self.windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
+        self.gradient_checkpointing = False  # training: recompute each layer in backward instead of storing it
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -161,13 +184,15 @@ class QwenForCausalLM(nn.Module):
             return F.linear(x, self.model.embed_tokens.weight)
         return self.lm_head(x)
 
-    def forward(self, input_ids: torch.Tensor, cache=None, logits: str | torch.Tensor = "all") -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None, logits: str | torch.Tensor = "all",
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last"), [B, R, V] (a tensor of R row indices)
         or final hidden states ("none").
 
         With a KVCache, the tokens continue the cached sequence (positions start at cache.length) and the cache
         grows. With a PagedBatch (qwenkit.engine.paged), B is 1 and the T tokens belong to several sequences whose
-        positions and attention the batch describes.
+        positions and attention the batch describes. Without a cache, `segments` [B, T] packs several sequences
+        per row (training): see packed_masks.
         """
         b, t = input_ids.shape
         paged = cache is not None and cache.paged
@@ -177,12 +202,20 @@ class QwenForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if paged:
             positions, masks = cache.positions[None], {}
+        elif segments is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (segments) are for whole-sequence forwards, without a cache")
+            positions, masks = packed_masks(self.windows, segments.to(input_ids.device))
         else:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-            masks = attention_masks(self.windows, start, t, input_ids.device)
+            masks = attention_masks(self.windows, start, t, input_ids.device, cached=cache is not None)
         cos, sin = self.rotary(positions, x.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks, cache, start)
+            if recompute:  # keep only each layer's input; its activations are recomputed during backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks, cache, start)
         if cache is not None and not paged:
             cache.length = start + t
         if isinstance(logits, torch.Tensor):

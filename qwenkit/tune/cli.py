@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a malformed, unknown-role or too-long line stops the run (default) or is skipped")
     p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                    help="loss on assistant turns only (default) or on every token")
+    p.add_argument("--pack", action="store_true", help="each micro-batch's examples end to end in one row, attention "
+                   "kept inside each example (no padding to compute; the same loss)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in "
+                   "backward instead of keeping them (less memory, about a third more compute)")
     p.add_argument("--threads", type=int)
 
 
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                       target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, seed=args.seed,
-                      eval_every=args.eval_every, save_every=args.save_every)
+                      eval_every=args.eval_every, save_every=args.save_every, pack=args.pack)
     dist = distributed.setup()
     distributed.check_batch(args.batch_size, dist)
     model = qwenkit.load(args.model, threads=args.threads, quant="none")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(train)} training examples" + (f", {len(evals)} eval examples" if evals else "")
               + (f", {dist.world} processes (FSDP)" if dist else ""), file=sys.stderr)
     apply_lora(model.model, lora, seed=args.seed)
+    model.model.gradient_checkpointing = args.gradient_checkpointing
     if dist is not None:
         distributed.shard(model.model, dist)
     trainer = Trainer(model.model, lora, cfg, train, evals, args.out, base_model=args.model, dist=dist)

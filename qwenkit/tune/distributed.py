@@ -6,7 +6,7 @@
 Each decoder layer and the whole model are sharded across the processes (the frozen base too, so each holds 1/N
 of it). Every micro-batch is split between the ranks; gradients are averaged by FSDP, so each rank's loss is scaled
 by the world size to give the same summed gradient as one process with the whole micro-batch. Rank 0 writes the
-adapter and logs.
+adapter, the logs and the checkpoints (qwenkit.tune.checkpoint gathers the sharded optimizer state for it).
 """
 
 from __future__ import annotations
@@ -64,6 +64,25 @@ def check_batch(batch_size: int, d: Dist | None) -> None:
 def full(t: torch.Tensor) -> torch.Tensor:
     """A sharded parameter gathered whole (a collective: every rank must call it), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_rng_states(d: Dist | None) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (its dropout masks), in rank order, on every rank (a collective)."""
+    mine = torch.get_rng_state()
+    if d is None:
+        return [mine]
+    import torch.distributed as dist
+
+    states = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(states, mine)
+    return states
+
+
+def barrier(d: Dist | None) -> None:
+    if d is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def finish(d: Dist | None) -> None:

@@ -4,7 +4,8 @@ One optimizer step consumes `grad_accum` micro-batches of `batch_size` examples.
 permutation per epoch, and the learning rate a pure function of the step (linear warmup, then linear decay to
 zero), so a run resumed from a checkpoint (adapter, AdamW moments, RNG state, step) continues exactly as the
 uninterrupted run would have. Examples in a micro-batch are right-padded: with causal attention, padding after a
-sequence cannot change it, and its labels carry no loss.
+sequence cannot change it, and its labels carry no loss. With `pack`, they go end to end in one row instead, each
+attending only to itself, so no padding is computed at all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.tune.data import IGNORE, Example
-from qwenkit.tune.lora import LoRAConfig, copy_adapter_weights, save_adapter
+from qwenkit.tune.lora import LoRAConfig, save_adapter
 
 CHECKPOINTS_KEPT = 2
 
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
+    pack: bool = False  # each micro-batch in one row, attention kept inside each example
 
 
 def micro_batches(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
@@ -60,12 +62,26 @@ def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def summed_loss(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.Tensor, int]:
+def collate_packed(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The examples end to end in one row, with the segment id of every token. Each example's first label is
+    dropped: it would be the target of the previous example's last token (unpacked, nothing predicts it either)."""
+    ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
+    labels = torch.tensor([lab if i else IGNORE for e in examples for i, lab in enumerate(e.labels)])[None]
+    segments = torch.tensor([n for n, e in enumerate(examples) for _ in e.input_ids])[None]
+    return ids, labels, segments
+
+
+def summed_loss(model: torch.nn.Module, examples: list[Example], pack: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of the next-token losses over every labelled token, and how many there were. The vocabulary projection
     runs only on the positions that have a label: with loss on assistant turns, most of a chat (system prompt,
-    user turns) needs none, and that projection is a quarter of a 0.5B model's work."""
-    ids, labels = collate(examples)
-    hidden = model(ids, logits="none")  # final-normed hidden states
+    user turns) needs none, and that projection is a quarter of a 0.5B model's work. pack: the examples in one row
+    with attention kept inside each (no padding computed); the loss is the padded batch's, up to float order."""
+    if pack:
+        ids, labels, segments = collate_packed(examples)
+        hidden = model(ids, logits="none", segments=segments)
+    else:
+        ids, labels = collate(examples)
+        hidden = model(ids, logits="none")  # final-normed hidden states
     target = labels[:, 1:]
     keep = target != IGNORE
     logits = model.head(hidden[:, :-1][keep])
@@ -74,12 +90,12 @@ def summed_loss(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int) -> float:
+def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, pack: bool = False) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, n = summed_loss(model, examples[i:i + batch_size])
+        loss, n = summed_loss(model, examples[i:i + batch_size], pack)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -112,10 +128,6 @@ class Trainer:
     def run(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
         from tqdm import tqdm
 
-        if resume and self.dist is not None:
-            from qwenkit.errors import BadRequest
-
-            raise BadRequest("--resume is not supported under torchrun yet (checkpoints hold sharded optimizer state)")
         if resume:
             self._resume()
         else:
@@ -136,7 +148,7 @@ class Trainer:
                 tokens += sum(len(e.input_ids) for e in group)
                 if self.dist:  # this rank's part of the micro-batch; FSDP averages gradients over the ranks
                     group = group[self.dist.rank::world]
-                loss, _ = summed_loss(self.model, group)
+                loss, _ = summed_loss(self.model, group, self.cfg.pack)
                 (loss / max(labelled, 1) * world).backward()
                 total += loss.detach()
             if self.dist:
@@ -163,7 +175,7 @@ class Trainer:
                 loss = self._eval_entry()["eval_loss"]  # every rank evaluates (FSDP's forward is collective)
                 if self.main:
                     bar.write(f"step {self.step}: eval loss {loss:.4f}", file=sys.stderr)
-            if self.step % self.cfg.save_every == 0 and self.step < self.total_steps and self.dist is None:
+            if self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                 self._checkpoint()
         bar.close()
         save_adapter(self.model, self.lora, self.out, self.base_model, write=self.main)
@@ -178,32 +190,23 @@ class Trainer:
 
     def _eval_entry(self) -> dict[str, Any]:
         entry = {"step": self.step, "eval_loss": round(evaluate(self.model, self.eval_examples,
-                                                                self.cfg.batch_size), 5)}
+                                                                self.cfg.batch_size, self.cfg.pack), 5)}
         self.log.append(entry)
         return entry
 
-    # ---- checkpoints (no pickle: tensors in safetensors, the rest in JSON) ------------------------------------
+    # ---- checkpoints (qwenkit.tune.checkpoint: no pickle, the same with one process or several) -------------
     def _checkpoint(self) -> Path:
-        from safetensors.torch import save_file
+        from qwenkit.tune import checkpoint
 
-        final = self.out / f"checkpoint-{self.step}"
-        tmp = self.out / f".checkpoint-{self.step}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(self.model, self.lora, tmp, self.base_model)
-        state = self.optimizer.state_dict()
-        tensors = {"rng": torch.get_rng_state()}
-        for idx, s in state["state"].items():
-            for name, value in s.items():
-                tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": self.step, "param_groups": state["param_groups"], "log": self.log,
-            "train": asdict(self.cfg), "lora": asdict(self.lora)}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint exists whole or not at all: a kill while writing leaves only .partial
-        for old in sorted(self._checkpoints())[:-CHECKPOINTS_KEPT]:
-            shutil.rmtree(old[1], ignore_errors=True)
+        final = checkpoint.write(self.out / f"checkpoint-{self.step}", self.model, self.optimizer, self.lora,
+                                 self.base_model, {"step": self.step, "log": self.log, **self._settings()}, self.dist)
+        if self.main:
+            for old in sorted(self._checkpoints())[:-CHECKPOINTS_KEPT]:
+                shutil.rmtree(old[1], ignore_errors=True)
         return final
+
+    def _settings(self) -> dict[str, Any]:
+        return {"train": asdict(self.cfg), "lora": asdict(self.lora)}
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
         found = []
@@ -213,25 +216,12 @@ class Trainer:
         return found
 
     def _resume(self) -> None:
-        from safetensors.torch import load_file
-
         from qwenkit.errors import BadCheckpoint
+        from qwenkit.tune import checkpoint
 
         found = self._checkpoints()
         if not found:
             raise BadCheckpoint(f"{self.out}: no checkpoint to resume from")
         _, path = max(found)
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["train"] != asdict(self.cfg) or state["lora"] != asdict(self.lora):
-            raise BadCheckpoint(f"{path}: the checkpoint was made with other training settings; resume with the same "
-                                "flags (or start a new --out)")
-        copy_adapter_weights(self.model, path)
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("state."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        torch.set_rng_state(tensors["rng"])
+        state = checkpoint.read(path, self.model, self.optimizer, self._settings(), self.dist)
         self.step, self.log = state["step"], state["log"]

@@ -77,12 +77,21 @@ def test_an_empty_file_is_an_error(tiny_model, tmp_path):
         load_examples(tiny_model, write_jsonl(tmp_path / "e.jsonl", []), max_len=64)
 
 
-def tune(tiny_hf_path, out, data, *extra, wait=True):
-    cmd = [sys.executable, "-m", "qwenkit", "tune", str(tiny_hf_path), "--data", str(data), "--out", str(out),
-           "--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "2", "--seed", "5",
-           "--threads", "1", *extra]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def tune_command(tiny_hf_path, out, data, *extra, procs: int = 1) -> list[str]:
+    """`qwenkit tune` on the tiny model; with procs > 1 under torchrun (FSDP on gloo, one process per rank)."""
+    from tests.e2e.test_serve import free_port
+
+    head = [sys.executable, "-m", "qwenkit"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+        str(free_port()), "-m", "qwenkit"]
+    return [*head, "tune", str(tiny_hf_path), "--data", str(data), "--out", str(out), "--rank", "4", "--alpha", "8",
+            "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "2", "--seed", "5", "--threads", "1", *extra]
+
+
+def tune(tiny_hf_path, out, data, *extra, wait=True, procs: int = 1):
+    cmd = tune_command(tiny_hf_path, out, data, *extra, procs=procs)
+    if not wait:  # its own process group: a kill reaches torchrun's workers too
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -100,24 +109,32 @@ def test_tuning_lowers_held_out_loss_and_writes_a_peft_adapter(tiny_hf_path, tmp
                load_file(str(tmp_path / "out" / "adapter_model.safetensors")))
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tiny_hf_path, tmp_path):
+@pytest.mark.parametrize("procs", [1, 2])
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tiny_hf_path, tmp_path, procs):
+    """One process, or two FSDP processes under torchrun (the optimizer state sharded between them): kill -9 after
+    checkpoint 20, then --resume, and the adapter equals the uninterrupted run's bit for bit (dropout on)."""
     data = write_jsonl(tmp_path / "train.jsonl", copy_task(48, seed=3))
-    flags = ["--epochs", "30", "--max-steps", "150", "--save-every", "10", "--dropout", "0.1"]
-    tune(tiny_hf_path, tmp_path / "whole", data, *flags)
-    proc = tune(tiny_hf_path, tmp_path / "cut", data, *flags, wait=False)
+    steps = "150" if procs == 1 else "60"
+    flags = ["--epochs", "30", "--max-steps", steps, "--save-every", "10", "--dropout", "0.1"]
+    tune(tiny_hf_path, tmp_path / "whole", data, *flags, procs=procs)
+    proc = tune(tiny_hf_path, tmp_path / "cut", data, *flags, wait=False, procs=procs)
     deadline = time.monotonic() + 300
     while not (tmp_path / "cut" / "checkpoint-20").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()  # it really died mid-run
-    tune(tiny_hf_path, tmp_path / "cut", data, *flags, "--resume")
+    tune(tiny_hf_path, tmp_path / "cut", data, *flags, "--resume", procs=procs)
     whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    if procs == 2:  # another process count would split micro-batches (and dropout) differently: refused, clearly
+        refused = subprocess.run(tune_command(tiny_hf_path, tmp_path / "cut", data, *flags, "--resume"),
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and "made by 2 processes; resume with as many" in refused.stderr
 
 
 @pytest.mark.parametrize("arch, qtype, tolerance", [("qwen2", "f32", 0.0), ("qwen2", "f16", 2e-2),
@@ -163,13 +180,8 @@ def test_torchrun_fsdp_on_two_processes_trains_the_same_adapter(tiny_hf_path, tm
     data = write_jsonl(tmp_path / "train.jsonl", copy_task(32, seed=4))
     flags = ["--max-steps", "6", "--save-every", "1000"]
     tune(tiny_hf_path, tmp_path / "one", data, *flags)
-    from tests.e2e.test_serve import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "qwenkit", "tune", str(tiny_hf_path), "--data", str(data), "--out", str(tmp_path / "two"),
-           "--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "2", "--seed", "5",
-           "--threads", "1", *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(tune_command(tiny_hf_path, tmp_path / "two", data, *flags, procs=2), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("2 processes (FSDP)") == 1  # rank 0 speaks for the run
     one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -226,3 +238,17 @@ def test_serve_refuses_a_bad_lora_flag(tiny_hf_path, tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_pack_and_gradient_checkpointing_train_the_same_adapter(tiny_hf_path, tmp_path):
+    """--pack (no padding computed) and --gradient-checkpointing (layers recomputed in backward) change how a step
+    is computed, not what it computes: the adapter equals the plain run's up to float summation order."""
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task(32, seed=6))
+    flags = ["--max-steps", "6", "--save-every", "1000"]
+    tune(tiny_hf_path, tmp_path / "plain", data, *flags)
+    tune(tiny_hf_path, tmp_path / "lean", data, *flags, "--pack", "--gradient-checkpointing")
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    lean = load_file(str(tmp_path / "lean" / "adapter_model.safetensors"))
+    assert plain.keys() == lean.keys()
+    assert max((plain[k] - lean[k]).abs().max().item() for k in plain) < 1e-5
+    assert any(plain[k].abs().max() > 1e-3 for k in plain if "lora_B" in k)  # it did train
