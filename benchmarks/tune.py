@@ -9,7 +9,9 @@ HSK zh->en data (scripts/hsk_tune_data.py; tokenized once with the default model
 assistant-only labels), fp32, 2 threads. The model is a random-weight checkpoint of the chosen shape written once
 with transformers (safetensors) and loaded by both. Each side runs in its own process, one after the other, so that
 peak RSS is its own, alternating for --reps runs each. Reported: per run, the median training tokens/s over the
-steps after the first (warm-up) and peak RSS; then the medians over runs and the ratio qwenkit / peft (target: >= 1.5x tokens/s at no more memory).
+steps after the first (warm-up) and peak RSS; then the medians over runs and the ratio qwenkit / peft (target: >= 1.5x
+tokens/s at no more memory). Tokens are the examples' own (padding excluded); --pack has qwenkit train on packed
+micro-batches (`qwenkit tune --pack`), which compute no padding at all.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def prepare(shape: str, steps: int, batch: int, work: Path) -> tuple[Path, Path]
     return folder, data
 
 
-def worker(side: str, folder: Path, data: Path, threads: int) -> dict:
+def worker(side: str, folder: Path, data: Path, threads: int, pack: bool = False) -> dict:
     import torch
 
     from qwenkit.tune.data import Example
@@ -87,7 +89,7 @@ def worker(side: str, folder: Path, data: Path, threads: int) -> dict:
         ids, labels = collate(group)
         start = time.perf_counter()
         if side == "qwenkit":  # the trainer's own loss (qwenkit.tune.train.summed_loss)
-            total, count = summed_loss(model, group)
+            total, count = summed_loss(model, group, pack)
             loss = total / count
         else:  # transformers' training forward: logits at every position, loss over the labelled ones
             logits = model(input_ids=ids).logits
@@ -96,7 +98,8 @@ def worker(side: str, folder: Path, data: Path, threads: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        speeds.append(ids.numel() / (time.perf_counter() - start))
+        # the examples' own tokens: padding (which --pack does not compute) is no training data
+        speeds.append(sum(len(e.input_ids) for e in group) / (time.perf_counter() - start))
     return {"side": side, "tokens_per_s": statistics.median(speeds[1:] or speeds), "steps": len(speeds),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "last_loss": loss.item()}
 
@@ -112,10 +115,11 @@ def main() -> int:
     ap.add_argument("--worker", choices=("qwenkit", "peft"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--pack", action="store_true", help="qwenkit packs each micro-batch (qwenkit tune --pack)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.data, args.threads)))
+        print(json.dumps(worker(args.worker, args.folder, args.data, args.threads, args.pack)))
         return 0
     from benchmarks.common import write_result
 
@@ -125,7 +129,8 @@ def main() -> int:
     for rep in range(args.reps):  # alternating sides, each in a fresh process
         for side in ("qwenkit", "peft"):
             proc = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(folder), "--data",
-                                   str(data), "--threads", str(args.threads)], capture_output=True, text=True)
+                                   str(data), "--threads", str(args.threads), *(["--pack"] if args.pack else [])],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
@@ -141,7 +146,7 @@ def main() -> int:
     print(f"medians: qwenkit {results['qwenkit']['tokens_per_s']:.1f}, peft {results['peft']['tokens_per_s']:.1f} "
           f"tok/s; qwenkit/peft: {ratio:.2f}x tokens/s, {mem:.2f}x peak memory")
     write_result({"shape": args.shape, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
-                  "reps": args.reps,
+                  "reps": args.reps, "pack": args.pack,
                   "results": results, "speed_ratio": round(ratio, 3), "memory_ratio": round(mem, 3)}, "tune", args.out)
     return 0
 
