@@ -61,25 +61,26 @@ def prepare(shape: str, steps: int, batch: int, work: Path) -> tuple[Path, Path]
     return folder, data
 
 
-def worker(side: str, folder: Path, data: Path, threads: int, pack: bool = False) -> dict:
+def worker(side: str, folder: Path, data: Path, threads: int, pack: bool = False, dtype: str = "fp32") -> dict:
     import torch
 
     from qwenkit.tune.data import Example
     from qwenkit.tune.train import collate, summed_loss
 
     torch.set_num_threads(threads)
+    weights = torch.bfloat16 if dtype == "bf16" else torch.float32
     batches = [[Example(r["ids"], r["labels"], 0) for r in b] for b in json.loads(data.read_text())]
     if side == "qwenkit":
         from qwenkit.checkpoint.loader import load_weights
         from qwenkit.tune.lora import LoRAConfig, apply_lora
 
-        model, _ = load_weights(folder)
+        model, _ = load_weights(folder, weights)
         apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS), seed=0)
     else:
         import peft
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=weights, attn_implementation="sdpa")
         model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
     model.train()
@@ -116,10 +117,12 @@ def main() -> int:
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--pack", action="store_true", help="qwenkit packs each micro-batch (qwenkit tune --pack)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="both sides' base weights (adapters train in fp32 either way)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.data, args.threads, args.pack)))
+        print(json.dumps(worker(args.worker, args.folder, args.data, args.threads, args.pack, args.dtype)))
         return 0
     from benchmarks.common import write_result
 
@@ -129,7 +132,8 @@ def main() -> int:
     for rep in range(args.reps):  # alternating sides, each in a fresh process
         for side in ("qwenkit", "peft"):
             proc = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(folder), "--data",
-                                   str(data), "--threads", str(args.threads), *(["--pack"] if args.pack else [])],
+                                   str(data), "--threads", str(args.threads), "--dtype", args.dtype,
+                                   *(["--pack"] if args.pack else [])],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -146,7 +150,7 @@ def main() -> int:
     print(f"medians: qwenkit {results['qwenkit']['tokens_per_s']:.1f}, peft {results['peft']['tokens_per_s']:.1f} "
           f"tok/s; qwenkit/peft: {ratio:.2f}x tokens/s, {mem:.2f}x peak memory")
     write_result({"shape": args.shape, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
-                  "reps": args.reps, "pack": args.pack,
+                  "reps": args.reps, "pack": args.pack, "dtype": args.dtype,
                   "results": results, "speed_ratio": round(ratio, 3), "memory_ratio": round(mem, 3)}, "tune", args.out)
     return 0
 

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "kept inside each example (no padding to compute; the same loss)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in "
                    "backward instead of keeping them (less memory, about a third more compute)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the frozen base model's weights and "
+                   "activations (the adapter always trains in fp32); bf16 halves the model's memory and is 2-3x faster "
+                   "where bf16 is native (AVX512-BF16, AMX, GPUs)")
     p.add_argument("--threads", type=int)
 
 
@@ -54,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, save_every=args.save_every, pack=args.pack)
     dist = distributed.setup()
     distributed.check_batch(args.batch_size, dist)
-    model = qwenkit.load(args.model, threads=args.threads, quant="none")
+    import torch
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = qwenkit.load(args.model, threads=args.threads, quant="none", dtype=dtype)
     train, skipped = load_examples(model, args.data, args.max_len, args.on_bad_example, args.train_on)
     evals = []
     if args.eval:
