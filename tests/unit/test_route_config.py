@@ -393,3 +393,53 @@ def test_a_non_streamed_answer_keeps_each_tool_call_once():
     calls = acc.result()["choices"][0]["message"]["tool_calls"]
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("call_0", "get_weather", '{"location": "Hangzhou"}'), ("call_1", "web_search", '{"q": "x"}')]
+
+
+def test_an_openai_backend_keeps_one_connection_across_requests():
+    """After `data: [DONE]` the backend reads the body to its end, so its keep-alive connection is reused: a
+    response left half-read is closed with its connection, and a TCP connect per request is latency on every
+    routed request."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from qwenkit.route.backends import OpenAIBackend
+
+    connections: set[int] = set()
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+    body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+
+    class SSE(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            connections.add(self.client_address[1])
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = OpenAIBackend(BackendConfig(name="host", type="openai",
+                                          base_url=f"http://127.0.0.1:{server.server_address[1]}"))
+
+    async def go() -> list[list[dict]]:
+        try:
+            return [[c async for c in backend.stream(dict(BODY))] for _ in range(3)]
+        finally:
+            await backend.close()
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == [[chunk]] * 3
+    assert len(connections) == 1
