@@ -194,6 +194,8 @@ def test_bad_input_gets_one_clear_line(tmp_path):
         ([], None, "give an audio file"),
         (["--text", str(tmp_path / "missing.txt")], None, "missing.txt: no such file"),
         (["--glossary", str(tmp_path / "notes.wav"), "--text"], None, "notes.wav:1: expected"),
+        (["--from", "en", "--to", "en", "--text"], None, "--from and --to are both 'en'"),
+        (["--web", "70000", str(tmp_path / "empty.mp3")], None, "a port from 0 to 65535, not '70000'"),
     ]
     for args, stdin, message in cases:
         proc = run_quick(*args, stdin=stdin)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from qwenkit.apps.translate.agreement import common_text, common_tokens, units
-from qwenkit.apps.translate.asr import repeats_itself
+from qwenkit.apps.translate.asr import Hypothesis, repeats_itself
 from qwenkit.apps.translate.audio import AudioError, file_chunks, paced, pcm_chunks
-from qwenkit.apps.translate.captioner import Caption
+from qwenkit.apps.translate.captioner import Caption, Captioner
 from qwenkit.apps.translate.outputs import JsonlWriter, SrtWriter, TerminalView, srt_time
 from qwenkit.apps.translate.scoring import assign, char_error_rate, normalize_zh
 from qwenkit.apps.translate.translator import Term, Translator, clean, read_glossary
@@ -187,6 +187,43 @@ def test_silence_and_noise_hold_no_speech():
     assert sum(u.end - u.start for u in found) < 0.5 * 48000
 
 
+
+class CountingASR:
+    """Stands in for Whisper where only the captioner's bookkeeping is under test: one fixed hypothesis."""
+
+    language = "zh"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def transcribe(self, audio: np.ndarray, prefix: list[int] | None = None) -> Hypothesis:
+        self.calls += 1
+        return Hypothesis(tokens=[1, 2, 3], text="你好")
+
+    def complete_prefix(self, tokens: list[int]) -> list[int]:
+        return tokens
+
+    def text_of(self, tokens: list[int]) -> str:
+        return "你好"[:len(tokens)]
+
+
+@pytest.mark.parametrize("tail_seconds", [0.0, 2.0])
+def test_a_dropped_burst_is_forgotten_and_the_live_stream_ends(tail_seconds):
+    """Speech the detector drops as too short (here: everything, min_speech 30 s) leaves no utterance in progress:
+    the live loop ends at the end of the stream (it used to transcribe the dropped span forever)."""
+    audio = np.concatenate([clip("hsk1-0027"), np.zeros(int(tail_seconds * 16000), np.float32)])
+    asr = CountingASR()
+    captioner = Captioner(asr, None, vad=VadOptions(min_speech=30.0))
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(captioner.captions(
+        (audio[i:i + 1600] for i in range(0, audio.size, 1600)), live=True)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the live captioner did not end"
+    assert [c for c in out if c.final] == []
+    assert captioner.active is None
+
+
 # ---- agreement, hallucination guard -----------------------------------------------------------------------------
 def test_local_agreement():
     assert common_tokens([1, 2, 3, 4], [1, 2, 5]) == [1, 2]
@@ -247,6 +284,20 @@ def test_terminal_view_redraws_on_a_tty_and_prints_lines_elsewhere():
     view.add(caption(1, 0, 1, "我妈妈", "My mom", final=False))
     view.add(caption(1, 0, 2, "我妈妈是老师", "My mom is a teacher."))
     assert pipe.getvalue() == "My mom is a teacher.\n"
+
+
+def test_long_lines_are_cut_to_the_terminal_width_in_columns():
+    """Chinese characters take two columns: a line cut by character count would wrap, and the redraw (which
+    erases the lines it drew) would leave the wrapped rows behind."""
+    from qwenkit.apps.translate.outputs import _columns, _fit, _fit_styled
+
+    assert _columns("我妈妈 is") == 9
+    cut = _fit("我妈妈是老师，我爸爸是医生。", 20)
+    assert cut == "…师，我爸爸是医生。" and _columns(cut) <= 20
+    assert _fit("short", 20) == "short" and _fit("我" * 10, 20) == "我" * 10
+    styled = _fit_styled("我妈妈是老师，", "我爸爸是医生。", 20)
+    assert styled == "…\x1b[1m师，\x1b[0m\x1b[90m我爸爸是医生。\x1b[0m"
+    assert _fit_styled("My", " mom", 20) == "\x1b[1mMy\x1b[0m\x1b[90m mom\x1b[0m"
 
 
 def test_scoring_assigns_captions_to_clips():
@@ -366,3 +417,19 @@ def test_caption_server_streams_history_then_live_events():
     assert "event: end\n" in got
     ids = [int(line[4:]) for line in got if line.startswith("id: ")]
     assert ids == sorted(ids) and len(ids) == 3
+
+
+def test_a_page_too_slow_to_keep_up_is_told_to_reconnect():
+    """A subscriber whose queue fills (its page stopped reading) is dropped with word to reconnect, which its
+    EventSource does with Last-Event-ID, getting the history it missed; the captions never wait for it."""
+    from qwenkit.apps.translate.web import CaptionServer
+
+    server = CaptionServer("127.0.0.1", 0)
+    try:
+        q, _ = server._subscribe(0)
+        for i in range(1001):
+            server.add(caption(i, i, i + 1, "我", "I"))
+        assert q not in server.subscribers
+        assert list(q.queue) == [("reconnect", None)]
+    finally:
+        server.close()

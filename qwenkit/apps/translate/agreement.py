@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 
 _WORD = re.compile(r"\s*\S+")
-_CJK = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+# CJK punctuation, kana, ideographs, Hangul, compatibility ideographs, full-width forms: written without spaces
+CJK_CHARACTERS = r"\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+_CJK = re.compile(f"[{CJK_CHARACTERS}]")
 
 
 def common_tokens(a: list[int], b: list[int]) -> list[int]:

@@ -119,9 +119,10 @@ class WhisperASR:
         )
         ids = list(result.sequences_ids[0])  # what follows the start sequence: the forced prefix, then the rest
         tokens, segments = self._inside(ids, seconds)
-        length = max(1, len(ids) - len(prefix) + 1)
-        return Hypothesis(tokens, t.decode(tokens), float(result.no_speech_prob),
-                          float(result.scores[0]) / length if result.scores else 0.0, segments=segments)
+        # CTranslate2's score is already the sum of log-probabilities over length ** length_penalty (1 here); the
+        # average Whisper's no-speech rule compares with -1 is that sum over length + 1, as faster-whisper has it.
+        avg_logprob = float(result.scores[0]) * len(ids) / (len(ids) + 1) if result.scores else 0.0
+        return Hypothesis(tokens, t.decode(tokens), float(result.no_speech_prob), avg_logprob, segments=segments)
 
     def _inside(self, ids: list[int], seconds: float) -> tuple[list[int], list[tuple[float, float]]]:
         """Text tokens of the segments that start inside the real audio (not in the silent padding)."""

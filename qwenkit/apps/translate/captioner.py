@@ -218,6 +218,7 @@ class Captioner:
         self.stats.audio_seconds += chunk.size / SAMPLE_RATE
         for utterance in self.vad.feed(chunk):
             self._ended(utterance)
+        self._forget_dropped()
         if self.vad.in_speech and (self.active is None or self.active.start != self.vad.speech_start):
             self.active = _Active(self._next_index(), self.vad.speech_start)
         starts = [u.start for _, u in self.ended] + [self.active.start if self.active else self.audio.end]
@@ -233,6 +234,13 @@ class Captioner:
     def _close_stream(self) -> None:
         for utterance in self.vad.flush():
             self._ended(utterance)
+        self._forget_dropped()
+
+    def _forget_dropped(self) -> None:
+        # A burst too short to be speech ends with no utterance (the detector drops it): whatever was heard of it
+        # so far goes, or the live loop would go on transcribing it (and keeping its audio) forever.
+        if self.active is not None and self.vad.speech_start != self.active.start:
+            self.active = None
 
     def _next_index(self) -> int:
         self.count += 1
@@ -290,8 +298,7 @@ class Captioner:
             yield self._caption(state, final=False)
         elif state.tokens is not None and state.translated != state.source and state.source:
             self._translate(state)
-            if self.active is state:  # not ended meanwhile
-                yield self._caption(state, final=False)
+            yield self._caption(state, final=False)
         else:
             time.sleep(0.01)  # nothing to do until more audio arrives
 

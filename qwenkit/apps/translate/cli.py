@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     from qwenkit.hub import DEFAULT_MODEL
 
     language_name(args.source), language_name(args.target)
+    if args.source == args.target:  # before minutes of model loading
+        raise BadConfig(f"--from and --to are both {args.source!r}")
+    if args.web:
+        _web_address(args.web)
     glossary = read_glossary(args.glossary) if args.glossary else []
     lines = _text_lines(args.input) if args.text else None
     if not args.text:
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         translator = Translator(chat, args.source, args.target, glossary=glossary,
                                 model=ADAPTER if args.adapter else None, vocabulary=local_tokenizer(chat))
         if args.text:
-            return _translate_lines(translator, lines)
+            return _translate_lines(translator, lines, interactive=args.input in (None, "-") and sys.stdin.isatty())
         return _caption(args, asr, translator, chunks, live)
     finally:
         chat.close()
@@ -118,11 +122,7 @@ def _sinks(args: argparse.Namespace) -> list:
         if args.web:
             from qwenkit.apps.translate.web import CaptionServer
 
-            host, _, port = args.web.rpartition(":")
-            try:
-                server = CaptionServer(host or "127.0.0.1", int(port))
-            except ValueError:
-                raise BadConfig(f"--web takes PORT or HOST:PORT, not {args.web!r}") from None
+            server = CaptionServer(*_web_address(args.web))
             sinks.append(server)
             print(f"captions at {server.url}", file=sys.stderr, flush=True)
         if not args.quiet:
@@ -132,6 +132,13 @@ def _sinks(args: argparse.Namespace) -> list:
             sink.close()
         raise
     return sinks
+
+
+def _web_address(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise BadConfig(f"--web takes PORT or HOST:PORT with a port from 0 to 65535, not {spec!r}")
+    return host or "127.0.0.1", int(port)
 
 
 def _caption(args, asr, translator, chunks, live: bool) -> int:
@@ -171,11 +178,9 @@ def _text_lines(name: str | None) -> Iterator[str]:
     return iter(text.splitlines())
 
 
-def _translate_lines(translator, lines: Iterator[str], workers: int = 4, interactive: bool | None = None) -> int:
+def _translate_lines(translator, lines: Iterator[str], interactive: bool, workers: int = 4) -> int:
     """Several lines in flight at once (the engine batches them), printed in input order as each is ready; typed
-    lines (stdin a terminal) one at a time, each answered at once."""
-    if interactive is None:
-        interactive = sys.stdin.isatty()
+    lines (interactive: stdin a terminal) one at a time, each answered at once."""
     if interactive:
         for line in lines:
             print(translator.translate(line), flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -119,13 +120,31 @@ class TerminalView:
             self.out.flush()
 
 
+def _columns(text: str) -> int:
+    """Terminal columns: CJK characters take two, so a Chinese line measured by len() would wrap."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _cut(text: str, width: int) -> int:
+    """How many leading characters to drop so that "…" and the rest fit in `width` columns (0 if it all fits)."""
+    if _columns(text) <= width:
+        return 0
+    kept = 0
+    for i in range(len(text) - 1, -1, -1):
+        kept += _columns(text[i])
+        if kept > width - 1:
+            return i + 1
+    return 0
+
+
 def _fit(text: str, width: int) -> str:
     """The end of a long line: a caption shows what was said last."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    drop = _cut(text, width)
+    return "…" + text[drop:] if drop else text
 
 
 def _fit_styled(fixed: str, rest: str, width: int) -> str:
     """`fixed` bright and `rest` grey, cut from the left like _fit."""
-    drop = max(0, len(fixed) + len(rest) - width + 1) if len(fixed) + len(rest) > width else 0
+    drop = _cut(fixed + rest, width)
     lead = "…" if drop else ""
     return f"{lead}\x1b[1m{fixed[drop:]}\x1b[0m\x1b[90m{rest[max(0, drop - len(fixed)):]}\x1b[0m"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from qwenkit.apps.translate.agreement import CJK_CHARACTERS
 from qwenkit.errors import BadData, QwenkitError
 
 LANGUAGES = {
@@ -166,7 +167,7 @@ def _content(reply: Any) -> str:
     return getattr(reply, "text", "") or ""
 
 
-_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]+")
+_CJK = re.compile(f"[{CJK_CHARACTERS}]+")
 CJK_TARGETS = {"zh", "yue", "ja", "ko"}
 MAX_RETRIES = 3
 

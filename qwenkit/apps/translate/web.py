@@ -114,6 +114,9 @@ class CaptionServer:
                 q.put_nowait(item)
             except queue.Full:  # a page that stopped reading: drop it, never block the captions
                 self.subscribers.remove(q)
+                with q.mutex:  # what it missed is replaced by word to reconnect: its EventSource comes back
+                    q.queue.clear()  # with Last-Event-ID and gets the history it lacks
+                q.put_nowait(("reconnect", None))
 
     def _subscribe(self, last_id: int) -> tuple[queue.Queue, list]:
         with self.lock:
@@ -196,6 +199,8 @@ class CaptionServer:
 
             def _write(self, item) -> bool:
                 kind, event = item
+                if kind == "reconnect":  # dropped as too slow: closing makes the page reconnect and catch up
+                    return False
                 if kind == "end":
                     self.wfile.write(b"event: end\ndata: {}\n\n")
                     self.wfile.flush()
