@@ -5,10 +5,14 @@ the same command-line flags for it (add_arguments) and open it the same way (ope
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from qwenkit.errors import BadConfig, QwenkitError
 from qwenkit.route.client import Client
 from qwenkit.route.config import BackendConfig, RouteConfig
+
+if TYPE_CHECKING:
+    from qwenkit.text.tokenizer import Tokenizer
 
 
 def open_chat(model: str | None = None, *, route: str | None = None, base_url: str | None = None,
@@ -62,7 +66,7 @@ def open_from_args(args: argparse.Namespace, default_model: str, lora: dict[str,
                      api_key=args.api_key, threads=args.threads, lora=lora)
 
 
-def local_tokenizer(client: Client):
+def local_tokenizer(client: Client) -> Tokenizer | None:
     """The tokenizer of a model loaded in this process, or None. Every Qwen model shares one vocabulary, so its
     token ids also mean the same to a hosted Qwen (for logit_bias)."""
     for backend in client.router.backends:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qwenkit.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def hf_target(name: str, config: ModelConfig) -> Target | None:
     return Target(f"{stem}.gate_up_proj", (expert, half))
 
 
-def hf_tensors(name: str, tensor, config: ModelConfig) -> dict:
+def hf_tensors(name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The Hugging Face tensors a model parameter is written as (`qwenkit merge`): itself, except the stacked
     experts, which become the per-expert tensors of the released MoE checkpoints (what hf_target reads back)."""
     m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj$", name)

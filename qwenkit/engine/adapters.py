@@ -69,7 +69,7 @@ class AdaptedLinear(nn.Module):
         if rows is None or not self.updates:
             return y
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        if isinstance(rows, int):  # one sequence (single-request generation): every row has this adapter
+        if isinstance(rows, int):  # one adapter for every row (a forward pass of one sequence)
             if rows in self.updates:
                 self._add(flat_x, flat_y, None, self.updates[rows])
             return flat_y.view(y.shape)
@@ -102,7 +102,7 @@ class AdapterSet:
         self.folders: dict[str, Path] = {}
 
     @staticmethod
-    def rows(ids: torch.Tensor | int | None):
+    def rows(ids: torch.Tensor | int | None) -> AbstractContextManager[None]:
         """The adapter id of every flat activation row for the forward passes in this block (this thread); an int:
         the same adapter for every row."""
         if isinstance(ids, int):
@@ -146,6 +146,9 @@ class AdapterSet:
             stacked, parts, r0 = [], [], 0
             for part, _, a, b in sorted(items, key=lambda item: item[0]):
                 start, end = offsets[part], offsets[part + 1]
+                if a.shape[0] != cfg.r:  # the scaling is alpha / r: another rank would be served wrongly scaled
+                    raise BadCheckpoint(f"{weights}: {module_path} part {part}: lora_A has rank {a.shape[0]} but "
+                                        f"adapter_config.json says r={cfg.r}")
                 if a.shape[1] != in_features or b.shape[0] != end - start or a.shape[0] != b.shape[1]:
                     raise BadCheckpoint(f"{weights}: {module_path} part {part}: lora_A {tuple(a.shape)} and lora_B "
                                         f"{tuple(b.shape)} do not fit a {in_features} -> {end - start} projection")
@@ -181,6 +184,11 @@ class AdapterSet:
         """(module to wrap, part index, output sizes of its parts) for an adapter target like
         `model.layers.3.self_attn.q_proj`, following the fusion the loaded model uses."""
         parent, _, leaf = path.rpartition(".")
+        if leaf in ("lm_head", "embed_tokens"):
+            # The engine runs the head on the sampled rows only and the embedding is a lookup: neither takes a
+            # per-row update. `qwenkit merge` folds such an adapter into the weights instead.
+            raise BadCheckpoint(f"{weights}: {path}: adapters on {leaf} cannot be served per request; merge the "
+                                "adapter into the model (qwenkit merge) and serve that")
         try:
             owner = self.model.get_submodule(parent)
         except AttributeError:

@@ -22,10 +22,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
-from qwenkit.errors import EngineStopped, Overloaded, QwenkitError
+from qwenkit.errors import BadRequest, EngineStopped, Overloaded, QwenkitError
+
+if TYPE_CHECKING:
+    from qwenkit.engine.adapters import AdapterSet
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Engine:
         block_size: int = 16,
         kv_blocks: int | None = None,
         prefill_chunk: int | None = None,
-        adapters=None,
+        adapters: AdapterSet | None = None,
     ):
         from qwenkit.engine.scheduler import Scheduler
         from qwenkit.quant.linear import FUSED_MAX_ROWS
@@ -160,6 +164,9 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         if self._stopping:
             raise EngineStopped("the server is shutting down")
+        known = self.scheduler.adapters.names.values() if self.scheduler.adapters is not None else ()
+        if request.adapter and request.adapter not in known:  # else the base model would answer, unannounced
+            raise BadRequest(f"no adapter with id {request.adapter} is loaded")
         with self._lock:
             # Requests not yet picked up by the worker may still take a free batch slot rather than wait.
             queued = self.scheduler.waiting_count() + self._incoming.qsize() - self.scheduler.free_slots()

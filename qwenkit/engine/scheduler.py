@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from qwenkit.engine.output import OutputProcessor
 from qwenkit.engine.paged import BlockPool, PagedBatch, block_hash
 from qwenkit.engine.sampling import Sampler
 from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
+
+if TYPE_CHECKING:
+    from qwenkit.engine.adapters import AdapterSet
 
 log = logging.getLogger("qwenkit.engine")
 
@@ -61,7 +65,7 @@ class Sequence:
 class Scheduler:
     def __init__(
         self, model, tokenizer, *, max_batch: int, max_model_len: int, block_size: int, kv_blocks: int | None,
-        prefill_chunk: int, adapters=None,
+        prefill_chunk: int, adapters: AdapterSet | None = None,
     ):
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk

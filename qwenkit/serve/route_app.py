@@ -52,11 +52,14 @@ def create_route_app(router: Router, api_key: str | None = None, max_body_bytes:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        names = [router.config.served_model_name]
+        served = router.config.served_model_name
+        models = {served: {"id": served, "object": "model", "owned_by": "qwenkit"}}
         for b in router.config.backends:
-            names += [a for a in b.aliases if a not in names]
-        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "qwenkit"}
-                                                        for n in names]})
+            for name in b.aliases:
+                models.setdefault(name, {"id": name, "object": "model", "owned_by": "qwenkit"})
+            for name in b.lora:  # a native backend's adapters, chosen by name as `qwenkit serve` lists them
+                models.setdefault(name, {"id": name, "object": "model", "owned_by": "qwenkit", "parent": served})
+        return JSONResponse({"object": "list", "data": list(models.values())})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -70,6 +73,8 @@ def create_route_app(router: Router, api_key: str | None = None, max_body_bytes:
             return _error(400, f"request body is not valid JSON: {e}")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "request body must be a JSON object with 'messages'", code="missing_parameter")
+        if body.get("model") is not None and not isinstance(body["model"], str):
+            return _error(400, f"'model' must be a string, not {type(body['model']).__name__}", code="invalid_type")
         try:
             if not body.get("stream"):
                 result, served = await router.complete(body)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qwenkit.errors import QwenkitError
+from qwenkit.errors import BadConfig, QwenkitError
 
 log = logging.getLogger("qwenkit.serve")
 
@@ -43,6 +43,8 @@ class ModelService:
     """Owns the loaded model, its engine and grammar compiler. Methods are safe to call from any thread."""
 
     def __init__(self, config: ServeConfig, loader: Callable[[], object] | None = None):
+        if config.name in config.lora:  # that name would always choose the base model: the adapter unreachable
+            raise BadConfig(f"--lora: adapter name {config.name!r} is the served model's own name; choose another")
         self.config = config
         self.state = LOADING
         self.error: BaseException | None = None

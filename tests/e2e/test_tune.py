@@ -233,7 +233,9 @@ def test_serve_lora_adapters_chosen_per_request_over_http(tiny_hf_path, tmp_path
 
 def test_serve_refuses_a_bad_lora_flag(tiny_hf_path, tmp_path):
     for flag, message in ((["--lora", "no-equals-sign"], "expected NAME=PATH"),
-                          (["--lora", f"x={tmp_path}"], "adapter_config.json")):
+                          (["--lora", f"x={tmp_path}"], "adapter_config.json"),
+                          (["--served-model-name", "base", "--lora", f"base={tmp_path}"],
+                           "adapter name 'base' is the served model's own name")):
         proc = subprocess.run([sys.executable, "-m", "qwenkit", "serve", str(tiny_hf_path), "--port", "0", *flag],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

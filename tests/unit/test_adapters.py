@@ -149,6 +149,13 @@ def test_the_prefix_cache_keeps_adapters_apart(tiny_hf_path, folders):
         assert engine.stats().prefix_cache_hits == hits  # the base model's blocks are not this adapter's
         assert run_all(engine, [adapted]) == first and engine.stats().prefix_cache_hits > hits
         assert first != base
+        unknown = greedy(prompt, max_new=6)
+        unknown.adapter = ident + 1
+        with pytest.raises(BadRequest, match="no adapter with id 2"):  # not the base model's answer
+            engine.submit(unknown)
+    with Engine(model.model, tok, max_batch=2, block_size=4) as engine:  # an engine with no adapters at all
+        with pytest.raises(BadRequest, match="no adapter with id 1"):
+            engine.submit(adapted)
 
 
 def test_adapters_that_do_not_fit_are_refused(tiny_hf_path, tiny_qwen3_path, folders, tmp_path):
@@ -164,3 +171,27 @@ def test_adapters_that_do_not_fit_are_refused(tiny_hf_path, tiny_qwen3_path, fol
         adapters.add("one", folders[1])
     with pytest.raises(BadRequest, match="no adapter named 'nope'; loaded: one"):
         adapters.id_of("nope")
+    with pytest.raises(BadCheckpoint, match="lm_head cannot be served per request"):
+        adapters.add("head", edited_adapter(folders[0], tmp_path / "head", head=model.model.lm_head))
+    with pytest.raises(BadCheckpoint, match="rank 4 but adapter_config.json says r=8"):
+        adapters.add("rank", edited_adapter(folders[0], tmp_path / "rank", r=8))
+    assert list(adapters.names) == ["one"]  # the refused ones changed nothing
+
+
+def edited_adapter(folder, dest, head=None, r=None):
+    """A copy of an adapter folder with an lm_head pair added, or another r in its config."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    if head is not None:
+        tensors = load_file(str(dest / "adapter_model.safetensors"))
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(CFG.r, head.in_features)
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.zeros(head.out_features, CFG.r)
+        save_file(tensors, str(dest / "adapter_model.safetensors"))
+    if r is not None:
+        config = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps(dict(config, r=r)))
+    return dest

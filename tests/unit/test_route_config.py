@@ -264,9 +264,12 @@ def test_route_app_over_scripted_backends():
     from qwenkit.serve.route_app import BACKENDS_HEADER, create_route_app
 
     a = Scripted("a", [chunk(role=True), chunk("Hel"), BackendError("a", "lost")])
-    b = Scripted("b", [chunk("lo", finish="stop")])
+    b = Scripted("b", [chunk("lo", finish="stop")], aliases={"coder": "b-coder"}, lora={"support": "/a/support"})
     app = create_route_app(Router(RouteConfig([a.config, b.config], probe_interval=3600), [a, b]))
     with TestClient(app) as c:
+        listed = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in listed] == [("qwenkit-router", None), ("coder", None),
+                                                             ("support", "qwenkit-router")]
         r = c.post("/v1/chat/completions", json={**BODY, "stream": True})
         assert r.status_code == 200 and r.headers[BACKENDS_HEADER] == "a"
         events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
@@ -279,6 +282,8 @@ def test_route_app_over_scripted_backends():
         r = c.post("/v1/chat/completions", json=BODY)
         assert r.status_code == 400 and r.json()["error"]["message"] == "bad field"
         assert c.get("/health").json()["backends"] == {"a": "closed", "b": "closed"}
+        r = c.post("/v1/chat/completions", json={**BODY, "model": ["m"]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "'model' must be a string, not list"
     with TestClient(create_route_app(Router(RouteConfig([b.config], probe_interval=3600), [b]), api_key="k")) as c:
         assert c.post("/v1/chat/completions", json=BODY).status_code == 401
         b.script = [chunk("ok", finish="stop")]
