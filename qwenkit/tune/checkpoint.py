@@ -75,9 +75,10 @@ def read(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         adapter = load_file(str(folder / ADAPTER_WEIGHTS))
     except (OSError, ValueError, SafetensorError) as e:
         raise BadCheckpoint(f"{folder}: unreadable checkpoint ({e})") from None
-    if any(state.get(k) != v for k, v in expected.items()):
-        raise BadCheckpoint(f"{folder}: the checkpoint was made with other training settings; resume with the same "
-                            "flags (or start a new --out)")
+    changed = _differences(state, expected)
+    if changed:
+        raise BadCheckpoint(f"{folder}: the checkpoint was made with other training settings ({', '.join(changed)}); "
+                            "resume with the same flags (or start a new --out)")
     world = dist.world if dist else 1
     if state.get("world", 1) != world:
         raise BadCheckpoint(f"{folder}: made by {state.get('world', 1)} processes; resume with as many "
@@ -96,3 +97,15 @@ def read(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              options=_options())
     torch.set_rng_state(tensors[f"rng.{dist.rank if dist else 0}"])
     return state
+
+
+def _differences(state: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The settings (as `train.lr`, `base_dtype`) in which a checkpoint's state differs from this run's."""
+    out = []
+    for key, want in expected.items():
+        have = state.get(key)
+        if isinstance(want, dict) and isinstance(have, dict):
+            out += [f"{key}.{k}" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+        elif have != want:
+            out.append(key)
+    return out

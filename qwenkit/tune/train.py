@@ -146,9 +146,14 @@ class Trainer:
             total = torch.zeros(())
             for group in groups:  # accumulate: each micro-batch's share of the step's mean token loss
                 tokens += sum(len(e.input_ids) for e in group)
+                weight = 1.0
                 if self.dist:  # this rank's part of the micro-batch; FSDP averages gradients over the ranks
-                    group = group[self.dist.rank::world]
+                    share = group[self.dist.rank::world]
+                    # Fewer examples than processes: a rank with none still joins FSDP's collective forward and
+                    # backward, on an example it weighs at zero.
+                    group, weight = (share, 1.0) if share else (group[:1], 0.0)
                 loss, _ = summed_loss(self.model, group, self.cfg.pack)
+                loss = loss * weight
                 (loss / max(labelled, 1) * world).backward()
                 total += loss.detach()
             if self.dist:
@@ -206,7 +211,8 @@ class Trainer:
         return final
 
     def _settings(self) -> dict[str, Any]:
-        return {"train": asdict(self.cfg), "lora": asdict(self.lora)}
+        frozen = next((p.dtype for p in self.model.parameters() if not p.requires_grad), torch.float32)
+        return {"train": asdict(self.cfg), "lora": asdict(self.lora), "base_dtype": str(frozen).removeprefix("torch.")}
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
         found = []

@@ -176,8 +176,9 @@ def test_export_gguf_with_the_adapter_reloads_with_the_same_logits(tiny_hf_path,
 
 def test_torchrun_fsdp_on_two_processes_trains_the_same_adapter(tiny_hf_path, tmp_path):
     """2 CPU processes on gloo, each with half of every micro-batch and half of the model's weights (FSDP2), give
-    the one-process adapter up to the order of the float sums (gradients are summed across ranks)."""
-    data = write_jsonl(tmp_path / "train.jsonl", copy_task(32, seed=4))
+    the one-process adapter up to the order of the float sums (gradients are summed across ranks). 33 examples in
+    micro-batches of 4: the last has one, and the rank with none of it still joins the collective passes."""
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task(33, seed=4))
     flags = ["--max-steps", "6", "--save-every", "1000"]
     tune(tiny_hf_path, tmp_path / "one", data, *flags)
     proc = subprocess.run(tune_command(tiny_hf_path, tmp_path / "two", data, *flags, procs=2), capture_output=True,

@@ -108,3 +108,26 @@ def test_a_bf16_base_trains_an_fp32_adapter_close_to_the_fp32_run(tiny_hf_path, 
         torch.float32}
     merge_lora(m16)  # folds into the bf16 weights
     assert m16.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_names_them(tiny_hf_path, tmp_path):
+    """A checkpoint continues only the run that wrote it: another base dtype (--dtype) or another flag would not
+    give the uninterrupted result, and the error says which setting differs."""
+    from qwenkit.checkpoint.loader import load_weights
+    from qwenkit.errors import BadCheckpoint
+    from qwenkit.tune.train import TrainConfig, Trainer
+
+    def trainer(dtype, **cfg):
+        model, _ = load_weights(tiny_hf_path, dtype)
+        lora = LoRAConfig(r=4, alpha=8.0)
+        apply_lora(model, lora, seed=0)
+        data = examples(model.config.vocab_size)
+        return Trainer(model, lora, TrainConfig(max_steps=2, batch_size=2, save_every=1, **cfg), data, None,
+                       tmp_path / "out")
+
+    trainer(torch.float32).run(progress=False)
+    with pytest.raises(BadCheckpoint, match=r"other training settings \(base_dtype\)"):
+        trainer(torch.bfloat16).run(resume=True, progress=False)
+    with pytest.raises(BadCheckpoint, match=r"other training settings \(train.lr, train.pack\)"):
+        trainer(torch.float32, lr=1e-3, pack=True).run(resume=True, progress=False)
+    trainer(torch.float32).run(resume=True, progress=False)  # the same settings resume
