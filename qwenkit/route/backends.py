@@ -80,65 +80,70 @@ class Backend:
 
 
 class OpenAIBackend(Backend):
+    """Over aiohttp: its C HTTP parser and lean request path took about 0.7 ms less per streamed request than httpx
+    on the development machine, and this path is the router's whole overhead when the host is healthy."""
+
     def __init__(self, config: BackendConfig):
         super().__init__(config)
-        self._client = None
+        self._session = None
 
     def _http(self):
-        if self._client is None:
-            import httpx2
+        if self._session is None:
+            import aiohttp
 
             # Read timeouts are the router's first-token / inter-token deadlines; only connecting is bounded here.
-            timeout = httpx2.Timeout(None, connect=self.config.connect_timeout)
-            self._client = httpx2.AsyncClient(timeout=timeout)
-        return self._client
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout, trust_env=True)  # proxies from the environment
+        return self._session
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def probe(self) -> bool:
         """GET /health (qwenkit, vLLM, llama.cpp), else /v1/models (cloud APIs): neither is a billed completion."""
-        import httpx2
+        import aiohttp
 
-        client = self._http()
-        limit = max(self.config.connect_timeout, 0.1) * 2
+        limit = aiohttp.ClientTimeout(total=max(self.config.connect_timeout, 0.1) * 2)
         try:
-            r = await client.get(f"{self.config.base_url}/health", headers=self._headers(), timeout=limit)
-            if r.status_code == 404:
-                r = await client.get(f"{self.config.base_url}/v1/models", headers=self._headers(), timeout=limit)
-            return r.status_code == 200
-        except httpx2.HTTPError:
+            for path in ("/health", "/v1/models"):
+                async with self._http().get(f"{self.config.base_url}{path}", headers=self._headers(),
+                                            timeout=limit) as r:
+                    await r.read()
+                    if r.status != 404:
+                        return r.status == 200
+            return False
+        except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
-        import httpx2
+        import aiohttp
 
         url = f"{self.config.base_url}/v1/chat/completions"
         done = False
         try:
-            async with self._http().stream("POST", url, json=body, headers=self._headers()) as r:
-                if r.status_code != 200:
-                    raw = await r.aread()
-                    if r.status_code >= 500 or r.status_code in RETRYABLE_STATUS:
-                        raise BackendError(self.name, f"HTTP {r.status_code}", r.status_code)
+            async with self._http().post(url, json=body, headers=self._headers()) as r:
+                if r.status != 200:
+                    raw = await r.read()
+                    if r.status >= 500 or r.status in RETRYABLE_STATUS:
+                        raise BackendError(self.name, f"HTTP {r.status}", r.status)
                     try:
                         err = json.loads(raw)
                     except ValueError:
                         err = {"error": {"message": raw.decode(errors="replace")[:500], "type": "backend_error"}}
-                    raise BackendRejected(self.name, r.status_code, err)
-                async for line in r.aiter_lines():
+                    raise BackendRejected(self.name, r.status, err)
+                async for line in _lines(r.content, self.name):
                     # After [DONE], the body is read on to its end (it ends at once) rather than left: a response
                     # closed half-read takes its connection with it, and a new TCP connection per request cost
                     # the healthy path about a millisecond.
-                    if done or not line.startswith("data:"):
+                    if done or not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         done = True
                         continue
                     try:
@@ -148,10 +153,28 @@ class OpenAIBackend(Backend):
                     if "error" in chunk:  # an error event after the status line: the stream failed there
                         raise BackendError(self.name, f"error event: {chunk['error']}")
                     yield chunk
-        except httpx2.HTTPError as e:
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise BackendError(self.name, f"{type(e).__name__}: {e}") from None
         if not done:
             raise BackendError(self.name, "the stream ended before [DONE]")
+
+
+MAX_LINE = 16 << 20  # a server that never ends its line would otherwise fill the memory
+
+
+async def _lines(content, backend: str) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, up to MAX_LINE bytes each (aiohttp's own line reader stops at its buffer
+    size, 64 KiB, which one chunk with many top_logprobs can pass)."""
+    pending = b""
+    async for data in content.iter_any():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+        if len(pending) > MAX_LINE:
+            raise BackendError(backend, f"a line of the stream is over {MAX_LINE >> 20} MiB")
+    if pending:
+        yield pending
 
 
 class NativeBackend(Backend):
