@@ -23,6 +23,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -138,6 +139,30 @@ def sse(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+def add_error_handlers(app: Starlette) -> None:
+    """Every error as an OpenAI-style JSON body: ours, routing's 404/405, and a bug's 500 (logged, never shown)."""
+
+    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    async def on_qwenkit_error(request: Request, e: QwenkitError) -> JSONResponse:
+        return error_response(from_qwenkit(e))
+
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return error_response(APIError(e.status_code, message, kind, None, None, dict(e.headers or {}) or None))
+
+    async def on_bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal server error", "server_error", None, "internal_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(QwenkitError, on_qwenkit_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_bug)
+
+
 def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI:
     config = service.config
     metrics = metrics or Metrics(service.stats)
@@ -152,25 +177,7 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=metrics)
 
-    # ---- errors ----------------------------------------------------------------------------------------------
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(e)
-
-    @app.exception_handler(QwenkitError)
-    async def on_qwenkit_error(request: Request, e: QwenkitError) -> JSONResponse:
-        return error_response(from_qwenkit(e))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return error_response(APIError(e.status_code, message, kind, None, None, dict(e.headers or {}) or None))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal server error", "server_error", None, "internal_error"))
+    add_error_handlers(app)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def require_ready() -> None:

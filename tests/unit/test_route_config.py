@@ -267,6 +267,9 @@ def test_route_app_over_scripted_backends():
     b = Scripted("b", [chunk("lo", finish="stop")], aliases={"coder": "b-coder"}, lora={"support": "/a/support"})
     app = create_route_app(Router(RouteConfig([a.config, b.config], probe_interval=3600), [a, b]))
     with TestClient(app) as c:
+        r = c.get("/v1/nothing")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"  # OpenAI-style, as serve
+        assert c.get("/v1/chat/completions").status_code == 405
         listed = c.get("/v1/models").json()["data"]
         assert [(m["id"], m.get("parent")) for m in listed] == [("qwenkit-router", None), ("coder", None),
                                                              ("support", "qwenkit-router")]
