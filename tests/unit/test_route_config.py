@@ -403,51 +403,75 @@ def test_a_non_streamed_answer_keeps_each_tool_call_once():
         ("call_0", "get_weather", '{"location": "Hangzhou"}'), ("call_1", "web_search", '{"q": "x"}')]
 
 
+class SSEHost:
+    """A real HTTP/1.1 server on loopback that answers every chat request with the same SSE body (keep-alive,
+    Content-Length), and records the client port of each request: one port means one reused connection."""
+
+    def __init__(self, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.connections: set[int] = set()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                host.connections.add(self.client_address[1])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def streams(self, n: int) -> list[list[dict]]:
+        """n requests in turn through one OpenAIBackend, each stream's chunks."""
+        from qwenkit.route.backends import OpenAIBackend
+
+        backend = OpenAIBackend(BackendConfig(name="host", type="openai", base_url=self.url))
+
+        async def go() -> list[list[dict]]:
+            try:
+                return [[c async for c in backend.stream(dict(BODY))] for _ in range(n)]
+            finally:
+                await backend.close()
+
+        try:
+            return asyncio.run(go())
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def sse_body(*chunks: dict) -> bytes:
+    import json
+
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+
+
 def test_an_openai_backend_keeps_one_connection_across_requests():
     """After `data: [DONE]` the backend reads the body to its end, so its keep-alive connection is reused: a
     response left half-read is closed with its connection, and a TCP connect per request is latency on every
     routed request."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    one = chunk("hi", finish="stop")
+    host = SSEHost(sse_body(one))
+    assert host.streams(3) == [[one]] * 3
+    assert len(host.connections) == 1
 
-    from qwenkit.route.backends import OpenAIBackend
 
-    connections: set[int] = set()
-    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
-    body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
-
-    class SSE(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-            self.rfile.read(int(self.headers["Content-Length"]))
-            connections.add(self.client_address[1])
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    backend = OpenAIBackend(BackendConfig(name="host", type="openai",
-                                          base_url=f"http://127.0.0.1:{server.server_address[1]}"))
-
-    async def go() -> list[list[dict]]:
-        try:
-            return [[c async for c in backend.stream(dict(BODY))] for _ in range(3)]
-        finally:
-            await backend.close()
-
-    try:
-        answers = asyncio.run(go())
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert answers == [[chunk]] * 3
-    assert len(connections) == 1
+def test_an_openai_backend_reads_long_lines_and_refuses_endless_ones():
+    """A 1 MB event (one chunk of many logprobs, say) passes aiohttp's 64 KiB line buffer; a line that never
+    ends is cut at 16 MiB as a backend failure, not read into memory without end."""
+    big = chunk("x" * 1_000_000, finish="stop")
+    assert SSEHost(sse_body(big)).streams(1) == [[big]]
+    with pytest.raises(BackendError, match="over 16 MiB"):
+        SSEHost(b"data: " + b"x" * (17 << 20)).streams(1)
