@@ -165,16 +165,17 @@ MAX_LINE = 16 << 20  # a server that never ends its line would otherwise fill th
 async def _lines(content, backend: str) -> AsyncIterator[bytes]:
     """The lines of a streamed body, up to MAX_LINE bytes each (aiohttp's own line reader stops at its buffer
     size, 64 KiB, which one chunk with many top_logprobs can pass)."""
-    pending = b""
+    pending = bytearray()
     async for data in content.iter_any():
         pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r")
+        if b"\n" in data:  # only then split: a long line is not rescanned (or recopied) with every piece
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield bytes(line).rstrip(b"\r")
         if len(pending) > MAX_LINE:
             raise BackendError(backend, f"a line of the stream is over {MAX_LINE >> 20} MiB")
     if pending:
-        yield pending
+        yield bytes(pending)
 
 
 class NativeBackend(Backend):
