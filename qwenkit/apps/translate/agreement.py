@@ -17,13 +17,18 @@ CJK_CHARACTERS = r"\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\u
 _CJK = re.compile(f"[{CJK_CHARACTERS}]")
 
 
-def common_tokens(a: list[int], b: list[int]) -> list[int]:
+def _agreed(a: list, b: list) -> int:
+    """How many leading items the two lists share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
-    return a[:n]
+    return n
+
+
+def common_tokens(a: list[int], b: list[int]) -> list[int]:
+    return a[:_agreed(a, b)]
 
 
 def units(text: str) -> list[str]:
@@ -42,11 +47,7 @@ def units(text: str) -> list[str]:
 def common_text(a: str, b: str) -> str:
     """The longest common prefix of two texts that ends on a whole word (or CJK character) of both."""
     ua, ub = units(a), units(b)
-    n = 0
-    for x, y in zip(ua, ub):
-        if x != y:
-            break
-        n += 1
+    n = _agreed(ua, ub)
     if n == len(ua) or n == len(ub):
         # the shorter text is a prefix of the longer, but its last word may be cut: "teach" / "teacher"
         shorter, longer = (ua, ub) if len(ua) <= len(ub) else (ub, ua)

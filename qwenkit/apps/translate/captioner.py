@@ -218,8 +218,8 @@ class Captioner:
         self.stats.audio_seconds += chunk.size / SAMPLE_RATE
         for utterance in self.vad.feed(chunk):
             self._ended(utterance)
-        self._forget_dropped()
-        if self.vad.in_speech and (self.active is None or self.active.start != self.vad.speech_start):
+        self._forget_dropped()  # so an active utterance here is the detector's one in progress
+        if self.vad.in_speech and self.active is None:
             self.active = _Active(self._next_index(), self.vad.speech_start)
         starts = [u.start for _, u in self.ended] + [self.active.start if self.active else self.audio.end]
         self.audio.forget_before(min(starts) - self.pad)
