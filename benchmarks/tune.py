@@ -6,8 +6,8 @@
 
 Both sides train the same LoRA (r 16, alpha 32, q/k/v/o/gate/up/down) with AdamW on the same micro-batches of the
 HSK zh->en data (scripts/hsk_tune_data.py; tokenized once with the default model's tokenizer and chat template,
-assistant-only labels), fp32, 2 threads. The model is a random-weight checkpoint of the chosen shape written once
-with transformers (safetensors) and loaded by both. Each side runs in its own process, one after the other, so that
+assistant-only labels), fp32 unless --dtype bf16, 2 threads. The model is a random-weight checkpoint of the chosen
+shape written once with transformers (safetensors) and loaded by both. Each side runs in its own process, one after the other, so that
 peak RSS is its own, alternating for --reps runs each. Reported: per run, the median training tokens/s over the
 steps after the first (warm-up) and peak RSS; then the medians over runs and the ratio qwenkit / peft (target: >= 1.5x
 tokens/s at no more memory). Tokens are the examples' own (padding excluded); --pack has qwenkit train on packed

@@ -48,7 +48,6 @@ def open_chat(model: str | None = None, *, route: str | None = None, base_url: s
     return client
 
 
-
 def add_arguments(p: argparse.ArgumentParser, *, model_help: str) -> None:
     """--route | --base-url, --model, --api-key and --threads: where the app's Qwen model runs."""
     where = p.add_mutually_exclusive_group()

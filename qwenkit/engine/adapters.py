@@ -18,6 +18,7 @@ Outside `rows(...)`, or for rows of id 0, the wrapped modules compute exactly th
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 

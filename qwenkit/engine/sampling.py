@@ -1,8 +1,8 @@
 """Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
 
 Order follows vLLM and transformers: penalties and logit_bias on the raw logits, then temperature, then the
-truncations, then a draw from a per-request torch.Generator (same seed, same tokens). Reported logprobs are those of the model's raw
-distribution, before any of these transformations, as OpenAI-compatible servers report them.
+truncations, then a draw from a per-request torch.Generator (same seed, same tokens). Reported logprobs are those of
+the model's raw distribution, before any of these transformations, as OpenAI-compatible servers report them.
 """
 
 from __future__ import annotations
