@@ -11,6 +11,18 @@ import torch
 from qwenkit.model.config import ModelConfig
 
 
+def cache_dtype(model) -> torch.dtype:
+    """float16 for models whose weights run on the GGUF block kernels, as llama.cpp keeps its cache: the decode
+    attention kernel reads half the bytes (it converts to float32 as it reads); otherwise the model's dtype."""
+    from qwenkit.quant import native
+    from qwenkit.quant.blocks import BlockLinear
+
+    if model.dtype == torch.float32 and isinstance(model, torch.nn.Module) and native.available() \
+            and any(isinstance(m, BlockLinear) for m in model.modules()):
+        return torch.float16
+    return model.dtype
+
+
 class KVCache:
     paged = False  # see qwenkit.engine.paged.PagedBatch for the serving engine's cache
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.model.config import ModelConfig
+from qwenkit.quant import native
 
 
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -180,7 +181,13 @@ def _causal(rows: int, length: int, window: int | None) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of one new token over the cache, as two small matmuls: for a single query, SDPA's flash kernel
-    costs more in set-up than the work itself. q [B, H, 1, D]; k, v [B, KV, L, D] (grouped-query heads)."""
+    costs more in set-up than the work itself. q [B, H, 1, D]; k, v [B, KV, L, D] (grouped-query heads).
+    Where the CPU kernels are built (qwenkit.quant.native), one fused pass over the cache instead."""
+    if native.available():
+        out = native.attend(q, k, v)
+        if out is not None:
+            return out
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache: no copy when the dtypes agree
     b, h, _, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, kv, h // kv, d)  # the query heads that share each key/value head

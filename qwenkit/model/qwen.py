@@ -88,12 +88,14 @@ class Attention(nn.Module):
         mask = masks.get(self.window)
         if t == 1 and mask is None:
             out = decode_attention(q, k, v)
-        elif mask is None:  # a whole sequence at once (training, scoring): plain causal, no mask to build
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=False, enable_gqa=self.n_kv != self.n_heads
-            )
+            if k.dtype != q.dtype:  # a float16 cache (block-quantized models): prompt chunks attend in q's dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            gqa = self.n_kv != self.n_heads
+            if mask is None:  # a whole sequence at once (training, scoring): plain causal, no mask to build
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

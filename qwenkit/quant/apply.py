@@ -1,7 +1,9 @@
 """Putting compact weights into a model as it loads (`--quant auto|int8|int4|none`), then fusing projections.
 
-- auto: quantized GGUF tensors stay compact: 4-bit types (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K) as int4 (exact), the
-  others as int8; float weights stay float.
+- auto: quantized GGUF tensors stay compact. Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K stay in the file's own blocks,
+  run by the block kernels (qwenkit.quant.blocks), where those are built for this CPU; the other quantized types,
+  and all of them elsewhere, become int4 (4-bit types: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K; exact) or int8. Float
+  weights stay float.
 - int8: every linear weight as int8.
 - int4: every linear weight as int4 in groups of 32 (exact for 4-bit types; others re-quantized, with some loss).
 - none: fp32 (or the requested dtype) everywhere: the reference path.
@@ -24,6 +26,8 @@ from torch import nn
 
 from qwenkit.checkpoint import quants
 from qwenkit.errors import BadCheckpoint, BadRequest
+from qwenkit.quant import native
+from qwenkit.quant.blocks import BlockLinear, BlockWeight
 from qwenkit.quant.cpu import per_row_int8
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
@@ -55,18 +59,22 @@ def _int4(weight: torch.Tensor) -> Int4Grouped:
     return quantize_int4(weight, FLOAT_GROUP)
 
 
-def gguf_format(gguf, name: str, mode: str) -> Int8Grouped | Int4Grouped | None:
+def gguf_format(gguf, name: str, mode: str) -> BlockWeight | Int8Grouped | Int4Grouped | None:
     """The compact form of GGUF tensor `name` under `mode`, or None to keep it in float."""
     t = gguf.tensors[name]
-    native = t.qtype in CONVERTIBLE and len(t.shape) == 2
-    if mode == "none" or (mode == "auto" and not native):
+    if mode == "auto" and len(t.shape) == 2 and native.supports(t.qtype) and native.available():
+        n, k = t.shape
+        blocks = torch.from_numpy(np.array(gguf.raw(name), dtype=np.uint8).reshape(n, -1))  # a copy: the map goes
+        return BlockWeight(blocks, int(t.qtype), (n, k))
+    native_type = t.qtype in CONVERTIBLE and len(t.shape) == 2
+    if mode == "none" or (mode == "auto" and not native_type):
         return None
-    four_bit = native and target_format(t.qtype)[0] is Int4Grouped
+    four_bit = native_type and target_format(t.qtype)[0] is Int4Grouped
     if mode == "auto":
         mode = "int4" if four_bit else "int8"
     if mode == "int4":
         return convert(gguf.raw(name), t.qtype, t.shape) if four_bit else _requantize_rows(gguf, name, _int4)
-    if native and not per_row_int8():
+    if native_type and not per_row_int8():
         return _as_int8(convert(gguf.raw(name), t.qtype, t.shape))  # exact grouped int8
     return _requantize_rows(gguf, name, _int8)
 
@@ -116,28 +124,41 @@ def install(model, names: list[str], target_of, make_format: Callable[[str], obj
         if tuple(fmt.shape) != want:
             raise BadCheckpoint(f"{source}: tensor {name} has shape {list(fmt.shape)}, expected {list(want)}")
         if target.param == EMBEDDING:
-            table = QuantLinear(fmt)
+            table = _linear(fmt)
             if model.lm_head is None:
                 model.lm_head = table  # tied head: one table for both ends
             model.model.embed_tokens = QuantEmbedding(table)
         else:
-            _set_module(model, module_name, QuantLinear(fmt, bias=old.bias))
+            _set_module(model, module_name, _linear(fmt, bias=old.bias))
     return remaining
 
 
+def _linear(fmt, bias: torch.Tensor | None = None) -> QuantLinear | BlockLinear:
+    return BlockLinear([fmt], bias=bias) if isinstance(fmt, BlockWeight) else QuantLinear(fmt, bias=bias)
+
+
 def fuse(model) -> None:
-    """q/k/v and gate/up of quantized layers into single projections: fewer, larger matrix-vector products."""
+    """q/k/v and gate/up of quantized layers into single projections: fewer, larger matrix-vector products.
+    Layers of one kind are joined (block layers with block layers, grouped with grouped); a mix stays apart."""
     for module in model.modules():
-        if all(isinstance(getattr(module, n, None), QuantLinear) for n in ("q_proj", "k_proj", "v_proj")):
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-            bias = None
-            if all(p.bias is not None for p in parts):
-                bias = torch.cat([p.bias.data for p in parts])
-            module.qkv_proj = QuantLinear(_joined(parts), bias=bias)
-            module.q_proj = module.k_proj = module.v_proj = None
-        if all(isinstance(getattr(module, n, None), QuantLinear) for n in ("gate_proj", "up_proj")):
-            module.gate_up_proj = QuantLinear(_joined([module.gate_proj, module.up_proj]))
-            module.gate_proj = module.up_proj = None
+        for names, fused in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
+            layers = [getattr(module, n, None) for n in names]
+            joined = _joined_layer(layers)
+            if joined is not None:
+                setattr(module, fused, joined)
+                for n in names:
+                    setattr(module, n, None)
+
+
+def _joined_layer(layers: list) -> QuantLinear | BlockLinear | None:
+    if all(isinstance(layer, BlockLinear) for layer in layers):
+        return BlockLinear.joined(layers)
+    if not all(isinstance(layer, QuantLinear) for layer in layers):
+        return None
+    bias = None
+    if all(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias.data for layer in layers])
+    return QuantLinear(_joined(layers), bias=bias)
 
 
 def _joined(layers: list[QuantLinear]) -> Int8Grouped | Int4Grouped:

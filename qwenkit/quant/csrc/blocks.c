@@ -1,0 +1,616 @@
+/* Matrix products straight from GGUF's quantized blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K), for decode.
+ *
+ * The weights stay in the file's own bytes: nothing is converted at load, and a decode step reads exactly as many
+ * weight bytes as llama.cpp does. The activations are quantized per 32 values to int8 with a float scale (as
+ * llama.cpp's Q8_0, finer than its Q8_K for the K-quants), then each weight block's integers meet the activation's
+ * in vpdpbusd (AVX512-VNNI): unsigned weight values times signed activations, summed in int32, scaled in fp32. A
+ * zero point (Q4_0's 8, Q6_K's 32, the K-quants' mins) costs one multiply-add per block against the activation
+ * block's sum, computed once per call.
+ *
+ * Every activation row is computed on its own, by the same instructions whatever the number of rows: a row's
+ * result does not depend on its batch (the serving engine relies on it).
+ *
+ * Built by qwenkit.quant.native with -O3 -march=native -fopenmp -ffp-contract=off; OpenMP here is PyTorch's own
+ * libgomp (same soname, loaded first), so these loops share PyTorch's threads instead of fighting them for cores.
+ * Without AVX512-VNNI the same functions run portable C (correct, slower); qk_simd() says which was built.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__)
+#include <immintrin.h>
+#define QK_VNNI 1
+#else
+#define QK_VNNI 0
+#endif
+
+enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+/* A part's type | X8: its rows come in groups of 8 interleaved block by block (see qk_repack), so one vector
+ * instruction works on 8 rows at once. */
+#define X8 256
+
+enum { QK_OK = 0, QK_BAD_TYPE = 1, QK_BAD_SHAPE = 2, QK_NO_MEMORY = 3, QK_BAD_ROW = 4 };
+
+#define MAX_M 4 /* activation rows per pass over a weight row (their accumulators live in registers) */
+
+/* ---- scalars -------------------------------------------------------------------------------------------- */
+
+INLINE float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if QK_VNNI
+    return _cvtsh_ss(h);
+#else
+    return half_bits_to_float(h);
+#endif
+}
+
+INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* Q4_K / Q5_K: 6-bit scale and min of sub-block j from the 12 packed bytes. */
+INLINE void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* ---- block geometry ------------------------------------------------------------------------------------- */
+
+static int block_elements(int type) {
+    switch (type & ~X8) {
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: return 32;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static int block_bytes(int type) {
+    switch (type & ~X8) {
+    case T_Q4_0: return 18;
+    case T_Q5_0: return 22;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+
+/* ---- 8-row interleaving (Q4_0, Q5_0, Q8_0) -------------------------------------------------------------- */
+/* Per block of 32 values, the 8 rows' blocks (8 x block_bytes) become: the 8 fp16 scales; for Q5_0 the fifth bits
+ * as 8 masks of 32 bits (for c = 0..3: lo, hi; bit 4r+i = row r's value 4c+i, resp. 16+4c+i); then the value
+ * bytes as chunks of 4 per row: chunk c of every row in turn (32 bytes per c). Lane r of a 32-byte vector is then
+ * row r, and vpdpbusd against 4 activation bytes broadcast gives each row's partial dot in its own lane. */
+
+static int interleavable(int type) { return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0; }
+
+static void interleave_block(int type, const uint8_t *const rows[8], uint8_t *dst) {
+    const int vals = type == T_Q8_0 ? 32 : 16, at = type == T_Q5_0 ? 6 : 2; /* value bytes per row, their offset */
+    for (int r = 0; r < 8; r++) memcpy(dst + 2 * r, rows[r], 2);
+    uint8_t *q = dst + 16;
+    if (type == T_Q5_0) {
+        uint32_t masks[8] = {0};
+        for (int r = 0; r < 8; r++) {
+            uint32_t qh;
+            memcpy(&qh, rows[r] + 2, 4);
+            for (int c = 0; c < 4; c++)
+                for (int i = 0; i < 4; i++) {
+                    masks[2 * c] |= ((qh >> (4 * c + i)) & 1u) << (4 * r + i);
+                    masks[2 * c + 1] |= ((qh >> (16 + 4 * c + i)) & 1u) << (4 * r + i);
+                }
+        }
+        memcpy(q, masks, 32);
+        q += 32;
+    }
+    for (int c = 0; c < vals / 4; c++)
+        for (int r = 0; r < 8; r++) memcpy(q + 32 * c + 4 * r, rows[r] + at + 4 * c, 4);
+}
+
+/* Row r (0..7) of an interleaved block group back into its own block. */
+static void deinterleave_block(int type, const uint8_t *src, int r, uint8_t *out) {
+    const int vals = type == T_Q8_0 ? 32 : 16, at = type == T_Q5_0 ? 6 : 2;
+    memcpy(out, src + 2 * r, 2);
+    const uint8_t *q = src + 16;
+    if (type == T_Q5_0) {
+        uint32_t masks[8], qh = 0;
+        memcpy(masks, q, 32);
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 4; i++) {
+                qh |= ((masks[2 * c] >> (4 * r + i)) & 1u) << (4 * c + i);
+                qh |= ((masks[2 * c + 1] >> (4 * r + i)) & 1u) << (16 + 4 * c + i);
+            }
+        memcpy(out + 2, &qh, 4);
+        q += 32;
+    }
+    for (int c = 0; c < vals / 4; c++) memcpy(out + at + 4 * c, q + 32 * c + 4 * r, 4);
+}
+
+/* The first n - n % 8 rows of a [n, k] tensor interleaved by 8 (the rest copied as they are) into dst, same size. */
+int qk_repack(const uint8_t *src, int type, int64_t n, int64_t k, uint8_t *dst) {
+    if (!QK_VNNI || !interleavable(type)) return QK_BAD_TYPE; /* only the VNNI kernels read the interleaved form */
+    if (k <= 0 || k % 32) return QK_BAD_SHAPE;
+    const int bb = block_bytes(type);
+    const int64_t nb = k / 32, row_bytes = nb * bb, groups = n / 8;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rows[8];
+            for (int r = 0; r < 8; r++) rows[r] = src + (8 * g + r) * row_bytes + b * bb;
+            interleave_block(type, rows, dst + 8 * g * row_bytes + 8 * b * bb);
+        }
+    memcpy(dst + 8 * groups * row_bytes, src + 8 * groups * row_bytes, (size_t)((n - 8 * groups) * row_bytes));
+    return QK_OK;
+}
+
+/* The inverse of qk_repack. */
+int qk_unpack(const uint8_t *src, int type, int64_t n, int64_t k, uint8_t *dst) {
+    if (!interleavable(type)) return QK_BAD_TYPE;
+    if (k <= 0 || k % 32 || n % 8) return QK_BAD_SHAPE;
+    const int bb = block_bytes(type);
+    const int64_t nb = k / 32, row_bytes = nb * bb;
+    for (int64_t row = 0; row < n; row++)
+        for (int64_t b = 0; b < nb; b++)
+            deinterleave_block(type, src + (row / 8) * 8 * row_bytes + 8 * b * bb, (int)(row % 8),
+                               dst + row * row_bytes + b * bb);
+    return QK_OK;
+}
+
+/* Block `blk` of row `row` of a weight of `type` (X8 or not) as a plain block: a pointer into w, or into tmp. */
+static const uint8_t *plain_block(int type, const uint8_t *w, int64_t row, int64_t blk, int64_t nb, uint8_t *tmp) {
+    const int bb = block_bytes(type);
+    if (!(type & X8)) return w + (row * nb + blk) * bb;
+    deinterleave_block(type & ~X8, w + (row / 8) * 8 * nb * bb + blk * 8 * bb, (int)(row % 8), tmp);
+    return tmp;
+}
+
+/* ---- dequantization (prompt chunks, embedding rows): exactly gguf-py's float32 values ------------------- */
+
+/* One block into out[0 .. block_elements): the operations and their order are gguf-py's (no fused multiply-add;
+ * the library is built with -ffp-contract=off), so the values are bit for bit the reference's. */
+static void dequantize_block(int type, const uint8_t *b, float *out) {
+    switch (type) {
+    case T_Q4_0: {
+        const float d = half_to_float(b);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((b[2 + j] & 0xF) - 8);
+            out[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+        }
+        break;
+    }
+    case T_Q5_0: {
+        const float d = half_to_float(b);
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        for (int j = 0; j < 16; j++) {
+            const int lo = (b[6 + j] & 0xF) | (((qh >> j) & 1) << 4);
+            const int hi = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            out[j] = d * (float)(lo - 16);
+            out[j + 16] = d * (float)(hi - 16);
+        }
+        break;
+    }
+    case T_Q8_0: {
+        const float d = half_to_float(b);
+        for (int j = 0; j < 32; j++) out[j] = d * (float)(int8_t)b[2 + j];
+        break;
+    }
+    case T_Q4_K: case T_Q5_K: {
+        const float d = half_to_float(b), dmin = half_to_float(b + 2);
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == T_Q4_K ? b + 16 : b + 48;
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, mn;
+            scale_min_k4(j, scales, &sc, &mn);
+            const float dl = d * (float)sc, ml = dmin * (float)mn;
+            const uint8_t *q = qs + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) {
+                int v = j % 2 ? q[l] >> 4 : q[l] & 0xF;
+                if (type == T_Q5_K) v |= ((qh[l] >> j) & 1) << 4;
+                out[32 * j + l] = dl * (float)v - ml;
+            }
+        }
+        break;
+    }
+    case T_Q6_K: {
+        const float d = half_to_float(b + 208);
+        const int8_t *scales = (const int8_t *)(b + 192);
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+            const int8_t *sc = scales + 8 * n;
+            float *y = out + 128 * n;
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = (d * (float)sc[is]) * (float)q1;
+                y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
+                y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
+                y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+            }
+        }
+        break;
+    }
+    }
+}
+
+/* Rows of a [n, k] tensor (all of them, or those in `ids`) into float32 or bfloat16 `out` [len, k]. */
+int qk_dequantize(const uint8_t *w, int type, int64_t n, int64_t k, const int64_t *ids, int64_t n_ids,
+                  void *out, int bf16, int n_threads) {
+    const int be = block_elements(type);
+    if (!be) return QK_BAD_TYPE;
+    if (k <= 0 || k % be) return QK_BAD_SHAPE;
+    if ((type & X8) && (!interleavable(type & ~X8) || n % 8)) return QK_BAD_TYPE;
+    const int64_t rows = ids ? n_ids : n, nb = k / be;
+    if (ids)
+        for (int64_t i = 0; i < n_ids; i++)
+            if (ids[i] < 0 || ids[i] >= n) return QK_BAD_ROW;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows * k >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t row = ids ? ids[r] : r;
+        float tmp[256];
+        uint8_t plain[256];
+        for (int64_t blk = 0; blk < nb; blk++) {
+            float *dst = bf16 ? tmp : (float *)out + r * k + blk * be;
+            dequantize_block(type & ~X8, plain_block(type, w, row, blk, nb, plain), dst);
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + r * k + blk * be;
+                for (int j = 0; j < be; j++) o[j] = float_to_bf16(tmp[j]);
+            }
+        }
+    }
+    return QK_OK;
+}
+
+/* ---- activations ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t k;
+    const int8_t *q; /* [m, k] */
+    const float *d;  /* [m, k/32] scale of each block of 32 */
+    const float *s;  /* [m, k/32] d * (sum of the block's integers): for zero points */
+    const float *s16; /* [m, k/16] d * (sum of each half block's integers): for Q6_K's 16-value sub-blocks */
+} acts;
+
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s, float *s16) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = scale > 0.0f ? 127.0f / amax : 0.0f;
+        int sum[2] = {0, 0};
+        for (int j = 0; j < 32; j++) {
+            const int v = (int)nearbyintf(xb[j] * inv);
+            q[32 * b + j] = (int8_t)v;
+            sum[j / 16] += v;
+        }
+        d[b] = scale;
+        s[b] = scale * (float)(sum[0] + sum[1]);
+        s16[2 * b] = scale * (float)sum[0];
+        s16[2 * b + 1] = scale * (float)sum[1];
+    }
+}
+
+/* `name`: `kernel` over m activation rows, in chunks of MAX_M, each chunk's M a compile-time constant. The same
+ * code runs a row whatever its chunk: a row's result does not depend on its batch. */
+#define OVER_ROWS(name, kernel)                                                                                  \
+    static void name(int type, const uint8_t *w, const acts *a, int64_t m, float *y, int64_t stride) {          \
+        int64_t m0 = 0;                                                                                          \
+        for (; m0 + 4 <= m; m0 += 4) kernel(type, w, a, m0, 4, y + m0 * stride, stride);                         \
+        switch (m - m0) {                                                                                        \
+        case 3: kernel(type, w, a, m0, 3, y + m0 * stride, stride); break;                                       \
+        case 2: kernel(type, w, a, m0, 2, y + m0 * stride, stride); break;                                       \
+        case 1: kernel(type, w, a, m0, 1, y + m0 * stride, stride); break;                                       \
+        }                                                                                                        \
+    }
+
+/* ---- one weight row against up to MAX_M activation rows ------------------------------------------------- */
+/* Each kernel writes y[r * stride] for r < M. M is a compile-time constant at every call (see row_dot). */
+
+#if QK_VNNI
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE __m256i nibbles_32(const uint8_t *p) { /* 16 bytes -> 32 values: low nibbles first, as Q4_0/Q5_0 */
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+/* acc[r] += float(dot(wq, x_r)) * (ws * d_r); off[r] += wo * s_r. One block of 32, unsigned weight values. */
+#define BLOCK_32(wq, ws, wo, blk)                                                                                \
+    for (int r = 0; r < M; r++) {                                                                                \
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * (blk)));            \
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), (wq), x);                                \
+        const int64_t at = (m0 + r) * nb32 + (blk);                                                              \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps((ws) * a->d[at]), acc[r]);              \
+        off[r] += (wo) * a->s[at];                                                                               \
+    }
+
+INLINE void row_q4_5_0(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride,
+                       const int five) { /* Q4_0, or Q5_0 (the same plus a fifth bit per value) */
+    const int64_t nb32 = a->k / 32;
+    __m256 acc[MAX_M];
+    float off[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t b = 0; b < nb32; b++, w += five ? 22 : 18) {
+        const float d = half_to_float(w);
+        __m256i q = nibbles_32(w + (five ? 6 : 2));
+        if (five) {
+            uint32_t qh;
+            memcpy(&qh, w + 2, 4);
+            q = _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16)); /* bit j: value j's fifth bit */
+        }
+        BLOCK_32(q, d, d, b)
+    }
+    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - (five ? 16.0f : 8.0f) * off[r];
+}
+
+INLINE void row_q8_0(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride) {
+    /* Signed weights: x * w = (x + 128) * w - 128 * w, with x + 128 the unsigned operand. */
+    const int64_t nb32 = a->k / 32;
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++, w += 34) {
+        const float d = half_to_float(w);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, q);
+        for (int r = 0; r < M; r++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * b));
+            const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(x, flip), q);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, bias)),
+                                     _mm256_set1_ps(d * a->d[(m0 + r) * nb32 + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]);
+}
+
+INLINE void row_qk45(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride,
+                     const int five) {
+    const int64_t nb32 = a->k / 32, bytes = five ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16);
+    __m256 acc[MAX_M];
+    float off[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t sb = 0; sb < nb32 / 8; sb++, w += bytes) {
+        const float d = half_to_float(w), dmin = half_to_float(w + 2);
+        const uint8_t *qs = w + (five ? 48 : 16);
+        const __m256i hbits = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            const __m256i t = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+            __m256i lo = _mm256_and_si256(t, m4), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+            if (five) {
+                lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(hbits, _mm256_set1_epi8((char)(1 << (2 * i)))),
+                                          lo, b16);
+                hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(hbits, _mm256_set1_epi8((char)(2 << (2 * i)))),
+                                          hi, b16);
+            }
+            uint8_t sc, mn;
+            scale_min_k4(2 * i, w + 4, &sc, &mn);
+            BLOCK_32(lo, d * (float)sc, dmin * (float)mn, 8 * sb + 2 * i)
+            scale_min_k4(2 * i + 1, w + 4, &sc, &mn);
+            BLOCK_32(hi, d * (float)sc, dmin * (float)mn, 8 * sb + 2 * i + 1)
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - off[r];
+}
+
+INLINE void row_q6_k(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride) {
+    const int64_t nb32 = a->k / 32;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[MAX_M];
+    float off[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t sb = 0; sb < nb32 / 8; sb++, w += 210) {
+        const float d = half_to_float(w + 208);
+        const int8_t *scales = (const int8_t *)(w + 192);
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * n + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * n));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+            for (int g = 0; g < 4; g++) {
+                /* 32 values, two sub-blocks of 16 with their own scales: lanes 0-3 and 4-7 of the dot. */
+                const float s0 = d * (float)scales[8 * n + 2 * g], s1 = d * (float)scales[8 * n + 2 * g + 1];
+                const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+                const int64_t blk = 8 * sb + 4 * n + g;
+                for (int r = 0; r < M; r++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * blk));
+                    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[g], x);
+                    const int64_t at = (m0 + r) * nb32 + blk;
+                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sv), _mm256_set1_ps(a->d[at]),
+                                             acc[r]);
+                    off[r] += s0 * a->s16[2 * at] + s1 * a->s16[2 * at + 1];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - 32.0f * off[r];
+}
+
+INLINE void row_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
+                       int64_t stride) {
+    switch (type) {
+    case T_Q4_0: row_q4_5_0(w, a, m0, M, y, stride, 0); break;
+    case T_Q5_0: row_q4_5_0(w, a, m0, M, y, stride, 1); break;
+    case T_Q8_0: row_q8_0(w, a, m0, M, y, stride); break;
+    case T_Q4_K: row_qk45(w, a, m0, M, y, stride, 0); break;
+    case T_Q5_K: row_qk45(w, a, m0, M, y, stride, 1); break;
+    case T_Q6_K: row_q6_k(w, a, m0, M, y, stride); break;
+    }
+}
+
+
+/* Eight interleaved rows (qk_repack) against M activation rows: y[r * stride + i] for row i of the group. */
+INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
+                     int64_t stride) {
+    const int64_t nb32 = a->k / 32, bytes = 8 * (type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16), flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[MAX_M], off[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = off[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++, w += bytes) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); /* the 8 rows' scales */
+        __m256i dot[MAX_M];
+        for (int r = 0; r < M; r++) dot[r] = _mm256_setzero_si256();
+        const int8_t *x0 = a->q + m0 * a->k + 32 * b;
+        if (type == T_Q8_0) {
+            __m256i bias = _mm256_setzero_si256(); /* 128 * sum of each row's values: x * w = (x + 128) * w - that */
+            for (int c = 0; c < 8; c++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
+                bias = _mm256_dpbusd_epi32(bias, flip, q);
+                for (int r = 0; r < M; r++) {
+                    int32_t x4;
+                    memcpy(&x4, x0 + r * a->k + 4 * c, 4);
+                    dot[r] = _mm256_dpbusd_epi32(dot[r], _mm256_xor_si256(_mm256_set1_epi32(x4), flip), q);
+                }
+            }
+            for (int r = 0; r < M; r++) dot[r] = _mm256_sub_epi32(dot[r], bias);
+        } else {
+            const uint8_t *qs = w + (type == T_Q5_0 ? 48 : 16);
+            for (int c = 0; c < 4; c++) {
+                const __m256i t = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                __m256i lo = _mm256_and_si256(t, m4), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+                if (type == T_Q5_0) {
+                    uint32_t ml, mh;
+                    memcpy(&ml, w + 16 + 8 * c, 4);
+                    memcpy(&mh, w + 20 + 8 * c, 4);
+                    lo = _mm256_mask_add_epi8(lo, (__mmask32)ml, lo, b16);
+                    hi = _mm256_mask_add_epi8(hi, (__mmask32)mh, hi, b16);
+                }
+                for (int r = 0; r < M; r++) {
+                    int32_t xl, xh;
+                    memcpy(&xl, x0 + r * a->k + 4 * c, 4);
+                    memcpy(&xh, x0 + r * a->k + 16 + 4 * c, 4);
+                    dot[r] = _mm256_dpbusd_epi32(dot[r], lo, _mm256_set1_epi32(xl));
+                    dot[r] = _mm256_dpbusd_epi32(dot[r], hi, _mm256_set1_epi32(xh));
+                }
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            const int64_t at = (m0 + r) * nb32 + b;
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[r]);
+            if (type != T_Q8_0) off[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(a->s[at]), off[r]);
+        }
+    }
+    const __m256 zp = _mm256_set1_ps(type == T_Q4_0 ? 8.0f : type == T_Q5_0 ? 16.0f : 0.0f);
+    for (int r = 0; r < M; r++) _mm256_storeu_ps(y + r * stride, _mm256_fnmadd_ps(zp, off[r], acc[r]));
+}
+
+INLINE void group_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
+                         int64_t stride) {
+    switch (type) {
+    case T_Q4_0: group_x8(T_Q4_0, w, a, m0, M, y, stride); break;
+    case T_Q5_0: group_x8(T_Q5_0, w, a, m0, M, y, stride); break;
+    case T_Q8_0: group_x8(T_Q8_0, w, a, m0, M, y, stride); break;
+    }
+}
+
+OVER_ROWS(group_dot, group_kernel)
+
+#else /* portable C: the dequantized block against the dequantized activations, same result up to rounding */
+
+INLINE void row_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
+                       int64_t stride) {
+    const int be = block_elements(type), bb = block_bytes(type);
+    const int64_t nb32 = a->k / 32;
+    float vals[256], acc[MAX_M] = {0};
+    for (int64_t blk = 0; blk < a->k / be; blk++) {
+        dequantize_block(type, w + blk * bb, vals);
+        for (int r = 0; r < M; r++) {
+            const int8_t *xq = a->q + (m0 + r) * a->k + blk * be;
+            const float *xd = a->d + (m0 + r) * nb32 + blk * be / 32;
+            for (int j = 0; j < be; j++) acc[r] += vals[j] * (float)xq[j] * xd[j / 32];
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * stride] = acc[r];
+}
+
+#endif
+
+OVER_ROWS(row_dot, row_kernel)
+
+/* ---- y = x W^T over weights given in parts (fused q/k/v, gate/up: each part its own type) --------------- */
+
+typedef struct {
+    const uint8_t *w;
+    int64_t type;
+    int64_t rows;
+} qk_part;
+
+/* x [m, k] float32; parts' rows stacked make W [n, k]; y [m, n] float32. */
+int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int64_t k, float *y, int n_threads) {
+    int64_t n = 0;
+    for (int p = 0; p < n_parts; p++) {
+        const int type = (int)parts[p].type, be = block_elements(type);
+        if (!be || ((type & X8) && !(QK_VNNI && interleavable(type & ~X8)))) return QK_BAD_TYPE;
+        if (k <= 0 || k % be || parts[p].rows < 0 || ((type & X8) && parts[p].rows % 8)) return QK_BAD_SHAPE;
+        n += parts[p].rows;
+    }
+    if (m <= 0 || n == 0) return QK_OK;
+    int8_t *q = malloc((size_t)(m * k));
+    float *f = malloc(sizeof(float) * (size_t)(m * (k / 32) * 4));
+    if (!q || !f) {
+        free(q);
+        free(f);
+        return QK_NO_MEMORY;
+    }
+    acts a = {k, q, f, f + m * (k / 32), f + 2 * m * (k / 32)};
+    for (int64_t r = 0; r < m; r++)
+        quantize_row(x + r * k, k, q + r * k, f + r * (k / 32), f + m * (k / 32) + r * (k / 32),
+                     f + 2 * m * (k / 32) + r * (k / 16));
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > n) n_threads = (int)n;
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t first = n * t / nt, last = n * (t + 1) / nt; /* this thread's rows of W */
+        int64_t base = 0;
+        for (int p = 0; p < n_parts; p++) {
+            const int64_t lo = first > base ? first : base, hi = last < base + parts[p].rows ? last : base + parts[p].rows;
+            const int type = (int)parts[p].type;
+            const int64_t row_bytes = k / block_elements(type) * block_bytes(type);
+#if QK_VNNI
+            if (type & X8) { /* whole groups of 8, each computed by the thread that holds its first row */
+                for (int64_t row = lo + (8 - (lo - base) % 8) % 8; row < hi; row += 8)
+                    group_dot(type & ~X8, parts[p].w + (row - base) * row_bytes, &a, m, y + row, n);
+                base += parts[p].rows;
+                continue;
+            }
+#endif
+            for (int64_t row = lo; row < hi; row++)
+                row_dot(type, parts[p].w + (row - base) * row_bytes, &a, m, y + row, n);
+            base += parts[p].rows;
+        }
+    }
+    free(q);
+    free(f);
+    return QK_OK;
+}
+
+int qk_simd(void) { return QK_VNNI; }
