@@ -27,7 +27,7 @@ from torch import nn
 from qwenkit.checkpoint import quants
 from qwenkit.errors import BadCheckpoint, BadRequest
 from qwenkit.quant import native
-from qwenkit.quant.blocks import BlockLinear, BlockWeight
+from qwenkit.quant.blocks import BlockLinear, BlockWeight, joined_bias
 from qwenkit.quant.cpu import per_row_int8
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
@@ -155,10 +155,7 @@ def _joined_layer(layers: list) -> QuantLinear | BlockLinear | None:
         return BlockLinear.joined(layers)
     if not all(isinstance(layer, QuantLinear) for layer in layers):
         return None
-    bias = None
-    if all(layer.bias is not None for layer in layers):
-        bias = torch.cat([layer.bias.data for layer in layers])
-    return QuantLinear(_joined(layers), bias=bias)
+    return QuantLinear(_joined(layers), bias=joined_bias(layers))
 
 
 def _joined(layers: list[QuantLinear]) -> Int8Grouped | Int4Grouped:

@@ -47,6 +47,13 @@ class BlockWeight:
         return GGMLType(self.qtype).name
 
 
+def joined_bias(layers: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of layers joined along their rows, when every one has a bias."""
+    if all(layer.bias is not None for layer in layers):
+        return torch.cat([layer.bias.data for layer in layers])
+    return None
+
+
 class BlockLinear(nn.Module):
     def __init__(self, parts: list[BlockWeight], bias: torch.Tensor | None = None):
         super().__init__()
@@ -87,10 +94,7 @@ class BlockLinear(nn.Module):
     @classmethod
     def joined(cls, layers: list[BlockLinear]) -> BlockLinear:
         """One layer whose rows are the layers' rows in order (their biases joined too, when all have one)."""
-        bias = None
-        if all(layer.bias is not None for layer in layers):
-            bias = torch.cat([layer.bias.data for layer in layers])
-        return cls([p for layer in layers for p in layer.parts], bias=bias)
+        return cls([p for layer in layers for p in layer.parts], bias=joined_bias(layers))
 
     @property
     def nbytes(self) -> int:
