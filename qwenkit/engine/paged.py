@@ -157,14 +157,16 @@ class PagedBatch:
             ks = all_k[:, offset : offset + length].unsqueeze(0)  # [1, KV, L, D]
             vs = all_v[:, offset : offset + length].unsqueeze(0)
             qs = q[:, :, first : first + rows]
-            if rows == 1:
-                outs.append(decode_attention(qs, ks, vs))
-            else:
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        qs, ks, vs, attn_mask=_causal(rows, length, window), enable_gqa=n_kv != n_heads
-                    )
+            # The C kernel computes each row alone: a prompt token's result is then the same in a chunk of 40
+            # rows as after a prefix-cache hit, where it is computed alone (same seed, same text).
+            out = native.attend(qs, ks, vs, window) if native.available() else None
+            if out is None and rows == 1:
+                out = decode_attention(qs, ks, vs)
+            elif out is None:
+                out = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=_causal(rows, length, window), enable_gqa=n_kv != n_heads
                 )
+            outs.append(out)
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, H, N, D]
         return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 

@@ -93,7 +93,8 @@ def library() -> ctypes.CDLL | None:
     lib.qk_dequantize.argtypes = [p, i32, i64, i64, p, i64, p, i32, i32]
     lib.qk_repack.argtypes = lib.qk_unpack.argtypes = [p, i32, i64, i64, p]
     lib.qk_repack.restype = lib.qk_unpack.restype = i32
-    lib.qk_attend.argtypes = [p, i64, i64, i64, i64, p, p, i32, i64, i64, i64, i64, ctypes.c_float, p, i32]
+    lib.qk_attend.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32, i64, i64, i64, i64, i64, ctypes.c_float, p,
+                              i32]
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_simd.restype = lib.qk_attend.restype = i32
     return lib
 
@@ -190,20 +191,23 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int, dtype: torch.dtype = to
 ATTENTION_DTYPES = (torch.float32, torch.float16)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Decode attention, one query per sequence: q [B, H, 1, D] float32; k, v [B, KV, L, D] float32 or float16
-    views (any strides but a contiguous D, the same for both). [B, H, 1, D] float32, or None where this call is
-    not the kernel's (dtypes, layout): the caller's own path runs then."""
-    b, h, one, d = q.shape
-    if one != 1 or q.dtype != torch.float32 or k.dtype not in ATTENTION_DTYPES or v.dtype != k.dtype \
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+    """Causal attention of R new tokens per sequence, each row computed alone (so a row's result does not depend
+    on the other rows in the call): q [B, H, R, D] float32, the last R of the L positions of k, v [B, KV, L, D]
+    float32 or float16 views (any strides but a contiguous D, the same for both); `window` keeps only each row's
+    last `window` keys. [B, H, R, D] float32, or None where this call is not the kernel's (dtypes, layout): the
+    caller's own path runs then."""
+    b, h, rows, d = q.shape
+    if q.dtype != torch.float32 or k.dtype not in ATTENTION_DTYPES or v.dtype != k.dtype \
             or k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.shape[0] != b \
-            or k.shape[-1] != d or h % k.shape[1]:
+            or k.shape[-1] != d or h % k.shape[1] or rows > k.shape[2]:
         return None
     q = q.contiguous()
     out = torch.empty_like(q)
     sb, sh, st, _ = k.stride()
-    rc = library().qk_attend(q.data_ptr(), b, h, k.shape[1], d, k.data_ptr(), v.data_ptr(), k.dtype == torch.float16,
-                             sb, sh, st, k.shape[2], d**-0.5, out.data_ptr(), torch.get_num_threads())
-    _check(rc, "decode attention")
+    rc = library().qk_attend(q.data_ptr(), b, h, k.shape[1], d, rows, k.data_ptr(), v.data_ptr(),
+                             k.dtype == torch.float16, sb, sh, st, k.shape[2], window or 0, d**-0.5, out.data_ptr(),
+                             torch.get_num_threads())
+    _check(rc, "attention")
     return out
 

@@ -128,3 +128,27 @@ def test_decode_attention(dtype, b, h, kv, d, length):
     assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-5
     assert native.attend(q.double(), k, v) is None  # not the kernel's: the caller's path runs
 
+
+def causal_mask(rows: int, length: int, window: int | None) -> torch.Tensor:
+    q_pos, k_pos = torch.arange(length - rows, length)[:, None], torch.arange(length)[None, :]
+    return (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,length,window", [(40, 40, None), (7, 300, None), (33, 90, 16), (5, 5, 2)])
+def test_prompt_rows_attend_causally_each_alone(dtype, rows, length, window):
+    """A chunk of new tokens: each row sees its causal (windowed) keys, and equals itself computed alone, bit for
+    bit; that is what keeps a prefix-cache hit from changing the sampled text."""
+    h, kv, d = 14, 2, 64
+    k, v = torch.randn(1, kv, length, d).to(dtype), torch.randn(1, kv, length, d).to(dtype)
+    q = torch.randn(1, h, rows, d) * 2
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=causal_mask(rows, length, window), enable_gqa=True)
+    got = native.attend(q, k, v, window)
+    assert (got.double() - want).abs().max() < 1e-5
+    for r in (0, rows // 2, rows - 1):
+        end = length - rows + r + 1
+        alone = native.attend(q[:, :, r : r + 1], k[:, :, :end], v[:, :, :end], window)
+        assert torch.equal(alone[:, :, 0], got[:, :, r])
+    assert native.attend(q, k[:, :, : rows - 1], v[:, :, : rows - 1]) is None  # more rows than positions
+

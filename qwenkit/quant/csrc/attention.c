@@ -1,9 +1,14 @@
-/* Attention of one new token per sequence over its KV cache (decode), keys and values in float32 or float16.
+/* Attention of new tokens over their sequence's KV cache, keys and values in float32 or float16.
  *
- * One task per (sequence, key/value head): its keys are read once for all the query heads that share them
- * (grouped-query attention), then its values once. Softmax in float32 with a vectorised exp. The cache is read
- * where it lies (any batch/head/position strides, contiguous head_dim), so nothing is copied or converted first:
- * in PyTorch the same step was two batched matmuls plus softmax and casts, several passes over the scores.
+ * Each query row is computed alone, over exactly the keys it may see (causal, optionally a sliding window), in
+ * the same order whatever else is in the call: a token's attention is bit-identical whether it comes in a prompt
+ * chunk of 40 rows, after a prefix-cache hit as a chunk of 1, or as a decode step. That is what lets the same seed
+ * give the same text when a prompt's keys come from the prefix cache. (SDPA for the chunk and a separate decode
+ * kernel differ in the last bits, which 8-bit activation rounding downstream can turn into another sampled token.)
+ *
+ * One task per (sequence, key/value head, query row): its keys are read once for all the query heads that share
+ * them (grouped-query attention), then its values once. Softmax in float32 with a vectorised exp. The cache is
+ * read where it lies (any batch/head/position strides, contiguous head_dim), so nothing is copied or converted.
  */
 #include <math.h>
 #include <stdint.h>
@@ -48,80 +53,158 @@ INLINE float element(const void *p, int64_t i, int half) {
     return half ? half_bits_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* q [B, H, D] and out [B, H, D] contiguous float32; k and v [B, KV, *, D] with element strides sb, sh, st. */
-int qk_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, const void *k, const void *v, int half,
-              int64_t sb, int64_t sh, int64_t st, int64_t L, float scale, float *out, int n_threads) {
-    if (B <= 0 || KV <= 0 || H % KV || D <= 0 || L <= 0) return 2;
+/* One query row's G heads against its n keys: q and out heads `hs` floats apart, keys and values `st` elements
+ * apart, s a G * n scratch. Every sum runs in an order fixed by n alone. */
+typedef struct {
+    const float *q;
+    float *out;
+    const char *k, *v;
+    float *s;
+    int64_t hs, st, G, D, n;
+    float scale;
+} RowTask;
+
+INLINE void softmax_rows(const RowTask *a) {
+    for (int64_t g = 0; g < a->G; g++) { /* normalised in place */
+        float *sg = a->s + g * a->n, mx = -INFINITY, sum = 0.0f;
+        const int64_t n = a->n;
+        for (int64_t t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+        int64_t t = 0;
+#if QK_AVX512
+        __m512 vsum = _mm512_setzero_ps();
+        for (; t + 16 <= n; t += 16) {
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(sg + t, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        sum = _mm512_reduce_add_ps(vsum);
+#endif
+        for (; t < n; t++) {
+            sg[t] = expf(sg[t] - mx);
+            sum += sg[t];
+        }
+        const float inv = 1.0f / sum;
+        for (t = 0; t < n; t++) sg[t] *= inv;
+    }
+}
+
+static void row_portable(const RowTask *a, int half) {
+    const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
+    for (int64_t t = 0; t < n; t++) {
+        const char *kt = a->k + t * a->st * esize;
+        for (int64_t g = 0; g < G; g++) {
+            float dot = 0.0f;
+            for (int64_t j = 0; j < D; j++) dot += a->q[g * a->hs + j] * element(kt, j, half);
+            a->s[g * n + t] = dot * a->scale;
+        }
+    }
+    softmax_rows(a);
+    for (int64_t g = 0; g < G; g++) memset(a->out + g * a->hs, 0, sizeof(float) * (size_t)D);
+    for (int64_t t = 0; t < n; t++) {
+        const char *vt = a->v + t * a->st * esize;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t j = 0; j < D; j++) a->out[g * a->hs + j] += a->s[g * n + t] * element(vt, j, half);
+    }
+}
+
+#if QK_AVX512
+/* Sixteen vectors -> one: lane i is the sum of a[i]'s lanes (a transpose folded into the additions). */
+INLINE __m512 reduce16(const __m512 *a) {
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; i++)
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d p = _mm512_castps_pd(x[2 * i]), q = _mm512_castps_pd(x[2 * i + 1]);
+        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    }
+    for (int i = 0; i < 2; i++)
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* nb heads' weighted sums of the values over lanes [j, j + 16), accumulated in registers over all n keys. */
+INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const int nb) {
+    const int64_t esize = half ? 2 : 4;
+    __m512 acc[4];
+    for (int i = 0; i < nb; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < a->n; t++) {
+        const __m512 vv = load16(a->v + (t * a->st + j) * esize, half);
+        for (int i = 0; i < nb; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a->s[(g + i) * a->n + t]), vv, acc[i]);
+    }
+    for (int i = 0; i < nb; i++) _mm512_storeu_ps(a->out + (g + i) * a->hs + j, acc[i]);
+}
+
+/* D a multiple of 16. Scores sixteen keys at a time (one reduction for all sixteen), values with the heads'
+ * accumulators held in registers. */
+INLINE void row_avx512(const RowTask *a, const int half) {
+    const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
+    const __m512 vscale = _mm512_set1_ps(a->scale);
+    for (int64_t g = 0; g < G; g++) {
+        const float *qh = a->q + g * a->hs;
+        float *sg = a->s + g * n;
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16) {
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < D; j += 16) {
+                const __m512 qj = _mm512_loadu_ps(qh + j);
+                for (int i = 0; i < 16; i++)
+                    acc[i] = _mm512_fmadd_ps(qj, load16(a->k + ((t + i) * a->st + j) * esize, half), acc[i]);
+            }
+            _mm512_storeu_ps(sg + t, _mm512_mul_ps(reduce16(acc), vscale));
+        }
+        for (; t < n; t++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < D; j += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + j), load16(a->k + (t * a->st + j) * esize, half), acc);
+            sg[t] = _mm512_reduce_add_ps(acc) * a->scale;
+        }
+    }
+    softmax_rows(a);
+    for (int64_t j = 0; j < D; j += 16) {
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) weigh_values(a, half, g, j, 4);
+        for (; g + 2 <= G; g += 2) weigh_values(a, half, g, j, 2);
+        for (; g < G; g++) weigh_values(a, half, g, j, 1);
+    }
+}
+#endif
+
+/* q and out [B, H, R, D] contiguous float32: R new tokens per sequence, the last R of its L positions. k and v
+ * [B, KV, L, D] with element strides sb, sh, st. Row r sees keys [lo, hi): hi = L - R + r + 1 (causal), and with
+ * window > 0 only the last `window` of those. */
+int qk_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, const void *k, const void *v,
+              int half, int64_t sb, int64_t sh, int64_t st, int64_t L, int64_t window, float scale, float *out,
+              int n_threads) {
+    if (B <= 0 || KV <= 0 || H % KV || D <= 0 || R <= 0 || L < R || window < 0) return 2;
     const int64_t G = H / KV, esize = half ? 2 : 4;
-    const int vector = QK_AVX512 && D % 16 == 0;
-    (void)vector; /* portable builds: unused */
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : failed)
-    for (int64_t task = 0; task < B * KV; task++) {
-        const int64_t b = task / KV, kvh = task % KV;
-        const char *kb = (const char *)k + (b * sb + kvh * sh) * esize, *vb = (const char *)v + (b * sb + kvh * sh) * esize;
-        const float *qg = q + (b * H + kvh * G) * D;
-        float *og = out + (b * H + kvh * G) * D;
-        float *s = malloc(sizeof(float) * (size_t)(G * L));
-        if (!s) {
+    for (int64_t task = 0; task < B * KV * R; task++) {
+        const int64_t b = task / (KV * R), kvh = task / R % KV, r = task % R;
+        const int64_t hi = L - R + r + 1, lo = window > 0 && hi > window ? hi - window : 0;
+        const int64_t first = (b * sb + kvh * sh + lo * st) * esize, row = ((b * H + kvh * G) * R + r) * D;
+        /* head h of row r lives at ((b * H + h) * R + r) * D: this group's G heads are R * D apart */
+        RowTask a = {q + row, out + row, (const char *)k + first, (const char *)v + first, NULL, R * D, st, G, D,
+                     hi - lo, scale};
+        a.s = malloc(sizeof(float) * (size_t)(G * a.n));
+        if (!a.s) {
             failed = 1;
             continue;
         }
-        for (int64_t t = 0; t < L; t++) { /* scores: each key against the G query heads */
-            const char *kt = kb + t * st * esize;
-            for (int64_t g = 0; g < G; g++) {
-                float dot = 0.0f;
 #if QK_AVX512
-                if (vector) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < D; j += 16)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + j), load16(kt + j * esize, half), acc);
-                    dot = _mm512_reduce_add_ps(acc);
-                } else
+        if (D % 16 == 0) {
+            if (half)
+                row_avx512(&a, 1);
+            else
+                row_avx512(&a, 0);
+        } else
 #endif
-                    for (int64_t j = 0; j < D; j++) dot += qg[g * D + j] * element(kt, j, half);
-                s[g * L + t] = dot * scale;
-            }
-        }
-        for (int64_t g = 0; g < G; g++) { /* softmax, normalised at the end */
-            float *sg = s + g * L, mx = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
-            int64_t t = 0;
-#if QK_AVX512
-            __m512 vsum = _mm512_setzero_ps();
-            for (; t + 16 <= L; t += 16) {
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), _mm512_set1_ps(mx)));
-                _mm512_storeu_ps(sg + t, e);
-                vsum = _mm512_add_ps(vsum, e);
-            }
-            sum = _mm512_reduce_add_ps(vsum);
-#endif
-            for (; t < L; t++) {
-                sg[t] = expf(sg[t] - mx);
-                sum += sg[t];
-            }
-            const float inv = 1.0f / sum;
-            for (t = 0; t < L; t++) sg[t] *= inv;
-            memset(og + g * D, 0, sizeof(float) * (size_t)D);
-        }
-        for (int64_t t = 0; t < L; t++) { /* weighted sum of the values */
-            const char *vt = vb + t * st * esize;
-#if QK_AVX512
-            if (vector) {
-                for (int64_t j = 0; j < D; j += 16) {
-                    const __m512 vv = load16(vt + j * esize, half);
-                    for (int64_t g = 0; g < G; g++)
-                        _mm512_storeu_ps(og + g * D + j, _mm512_fmadd_ps(_mm512_set1_ps(s[g * L + t]), vv,
-                                                                         _mm512_loadu_ps(og + g * D + j)));
-                }
-                continue;
-            }
-#endif
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t j = 0; j < D; j++) og[g * D + j] += s[g * L + t] * element(vt, j, half);
-        }
-        free(s);
+            row_portable(&a, half);
+        free(a.s);
     }
     return failed ? 3 : 0;
 }
