@@ -11,28 +11,35 @@ import torch
 from qwenkit.model.config import ModelConfig
 
 
-def cache_dtype(model) -> torch.dtype:
-    """float16 for models whose weights run on the GGUF block kernels, as llama.cpp keeps its cache: the decode
-    attention kernel reads half the bytes (it converts to float32 as it reads); otherwise the model's dtype."""
+def native_decode(model) -> bool:
+    """Whether a model's weights run on the GGUF block kernels (qwenkit.quant.native): its cache is then float16,
+    as llama.cpp keeps it (the attention kernel reads half the bytes, converting as it reads), and each decode
+    step's attention after the q/k/v projection is one C call (norms, RoPE, cache write, attention)."""
     from qwenkit.quant import native
     from qwenkit.quant.blocks import BlockLinear
 
-    if model.dtype == torch.float32 and isinstance(model, torch.nn.Module) and native.available() \
-            and any(isinstance(m, BlockLinear) for m in model.modules()):
-        return torch.float16
-    return model.dtype
+    return model.dtype == torch.float32 and isinstance(model, torch.nn.Module) and native.available() \
+        and any(isinstance(m, BlockLinear) for m in model.modules())
 
 
 class KVCache:
     paged = False  # see qwenkit.engine.paged.PagedBatch for the serving engine's cache
 
-    def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device="cpu"):
+    def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device="cpu",
+                 fused: bool = False):
         self.config, self.batch, self.dtype, self.device = config, batch, dtype, torch.device(device)
+        self.fused = fused  # decode steps attend through native.decode_attention (see native_decode)
         self.length = 0
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._allocate(capacity)
+
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: int) -> KVCache:
+        """The cache generation uses for `model`: float16 and fused decode on the block kernels, else its dtype."""
+        fused = native_decode(model)
+        return cls(model.config, batch, capacity, torch.float16 if fused else model.dtype, fused=fused)
 
     def _allocate(self, capacity: int) -> None:
         shape = (self.batch, self.config.num_key_value_heads, capacity, self.config.head_dim)
@@ -57,7 +64,7 @@ class KVCache:
         """A cache of batch n whose every row copies this batch-1 cache (n samples of one prompt share its prefill)."""
         if self.batch != 1:
             raise ValueError("repeat() expects a batch-1 cache")
-        out = KVCache(self.config, n, self.capacity, self.dtype, self.device)
+        out = KVCache(self.config, n, self.capacity, self.dtype, self.device, self.fused)
         for dst, src in zip(out.k + out.v, self.k + self.v):
             dst[:, :, : self.length].copy_(src[:, :, : self.length].expand(n, -1, -1, -1))
         out.length = self.length

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenkit.engine.cache import KVCache, cache_dtype
+from qwenkit.engine.cache import KVCache
 from qwenkit.engine.output import OutputProcessor
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import Sampler, SamplingParams, TokenLogprob
@@ -36,7 +36,7 @@ def decode_tokens(
     model, prompt_ids: list[int], sampler: Sampler, max_new: int, stop_ids: set[int], timings: Timings
 ) -> Iterator[tuple[int, TokenLogprob | None]]:
     """Yield (token, logprob) until a stop id (yielded, then the loop ends) or max_new tokens."""
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new, cache_dtype(model))
+    cache = KVCache.for_model(model, 1, len(prompt_ids) + max_new)
     timings.started = time.perf_counter()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.inference_mode():

@@ -16,6 +16,7 @@ from qwenkit.model.config import ModelConfig
 from qwenkit.model.moe import SparseMoE
 from qwenkit.engine.paged import decode_attention
 from qwenkit.model.rope import Rotary, apply_rotary
+from qwenkit.quant import native
 
 
 class RMSNorm(nn.Module):
@@ -24,7 +25,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native_decode: bool = False) -> torch.Tensor:
+        if native_decode:  # a decode step on the block kernels (KVCache.fused): one C call, no op dispatch
+            return native.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
             # One fused kernel instead of six ops: the same fp32 math, and decode runs it 49 times per token.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -70,6 +73,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache, start: int) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and cache is not None and not cache.paged and cache.fused and self.qkv_proj is not None:
+            # A decode step on the block kernels: norms, RoPE, cache write and attention in one C call; the
+            # same math as below, without its thirty small ops per layer.
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (
+                None, None, 0.0)
+            out = native.decode_attention(self.qkv_proj(x).view(b, -1), self.n_heads, self.n_kv, *norms,
+                                          cos[:, 0, 0], sin[:, 0, 0], cache.k[self.layer], cache.v[self.layer], start,
+                                          self.window)
+            return self.o_proj(out.view(b, 1, -1))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         else:
@@ -111,8 +123,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, masks, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        fused = x.shape[1] == 1 and cache is not None and not cache.paged and cache.fused
+        x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, masks, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x, fused))
 
 
 class Backbone(nn.Module):

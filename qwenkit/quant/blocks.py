@@ -102,9 +102,10 @@ class BlockLinear(nn.Module):
 
     def _parts(self) -> native.Parts:
         # The kernel holds raw pointers: rebuilt whenever a buffer was replaced (load_state_dict, .to(...)).
-        blocks = self._blocks()
-        ptrs = tuple(b.data_ptr() for b, _ in blocks)
+        # Read through _buffers, not getattr: this runs for every matmul of every decode step.
+        ptrs = tuple(b.data_ptr() for b in self._buffers.values())
         if self._kernel is None or self._kernel[0] != ptrs:
+            blocks = self._blocks()
             for b, t in blocks:
                 want = (int(b.shape[0]), native.row_bytes(t, self.in_features))
                 if b.dtype != torch.uint8 or tuple(b.shape) != want or not b.is_contiguous():
@@ -149,10 +150,12 @@ class BlockLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= FUSED_MAX_ROWS:
-            y = self._parts().matmul(x2.to(torch.float32).contiguous())
+            y = self._parts().matmul(x2 if x2.dtype == torch.float32 and x2.is_contiguous() else
+                                     x2.to(torch.float32).contiguous())
             if self.bias is not None:
-                y = y + self.bias
-            y = y.to(x.dtype)
+                y += self.bias
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
         else:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
             y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x.dtype)

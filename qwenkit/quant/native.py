@@ -95,7 +95,12 @@ def library() -> ctypes.CDLL | None:
     lib.qk_repack.restype = lib.qk_unpack.restype = i32
     lib.qk_attend.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32, i64, i64, i64, i64, i64, ctypes.c_float, p,
                               i32]
+    f32 = ctypes.c_float
+    lib.qk_decode_attention.argtypes = [p, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64, i64, i64, i64, i64,
+                                        f32, p, i32]
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_simd.restype = lib.qk_attend.restype = i32
+    lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]
+    lib.qk_decode_attention.restype = lib.qk_rms_norm.restype = i32
     return lib
 
 
@@ -211,3 +216,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     _check(rc, "attention")
     return out
 
+
+
+def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: torch.Tensor | None,
+                     k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, window: int | None) -> torch.Tensor:
+    """The rest of a decode step's attention after the fused q/k/v projection, in one call: Qwen3's q/k RMSNorm
+    (where the norm weights are given), RoPE, the new key and value written into the caches at `pos`, attention
+    over positions [0, pos]. qkv [B, (H + 2 KV) * D] float32; cos, sin [B, D] float32; caches [B, KV, capacity,
+    D] float32 or float16 (contiguous D) -> [B, H * D] float32."""
+    b, d = qkv.shape[0], k_cache.shape[-1]
+    if qkv.dtype != torch.float32 or qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.dtype not in \
+            ATTENTION_DTYPES or v_cache.dtype != k_cache.dtype or k_cache.stride() != v_cache.stride() \
+            or k_cache.stride(-1) != 1 or tuple(k_cache.shape[:2]) != (b, kv_heads) or pos >= k_cache.shape[2]:
+        raise ValueError("decode attention: qkv or caches of the wrong shape, dtype or layout")
+    qkv, cos, sin = qkv.contiguous(), cos.reshape(b, d).contiguous(), sin.reshape(b, d).contiguous()
+    weights = [w.contiguous() if w is not None else None for w in (q_norm, k_norm)]
+    out = torch.empty((b, heads * d), dtype=torch.float32)
+    sb, sh, st, _ = k_cache.stride()
+    rc = library().qk_decode_attention(
+        qkv.data_ptr(), b, heads, kv_heads, d, *(w.data_ptr() if w is not None else None for w in weights), eps,
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype == torch.float16,
+        sb, sh, st, pos, window or 0, d**-0.5, out.data_ptr(), torch.get_num_threads())
+    _check(rc, "decode attention")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of float32 x with a float32 weight (a decode step's few rows)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:]:
+        raise ValueError("rms_norm: float32 rows and a float32 weight of their width")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _check(library().qk_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.contiguous().data_ptr(),
+                                 eps, out.data_ptr()), "rms_norm")
+    return out

@@ -54,7 +54,7 @@ def greedy_agreement(model, sequences) -> float:
 
     agree = total = 0
     for prompt_ids, answer in sequences:
-        cache = KVCache(model.config, 1, len(prompt_ids) + len(answer), model.model.dtype)
+        cache = KVCache.for_model(model.model, 1, len(prompt_ids) + len(answer))  # as generation runs
         with torch.inference_mode():
             logits = model.model(torch.tensor([prompt_ids]), cache=cache, logits="last")
             for token in answer:
@@ -68,7 +68,7 @@ def perplexity(model, chunk: int = 512) -> float:
     from qwenkit.engine.cache import KVCache
 
     ids = torch.tensor([model.tokenizer.encode(TEXT.read_text(encoding="utf-8"))])
-    cache = KVCache(model.config, 1, ids.shape[1], model.model.dtype)
+    cache = KVCache.for_model(model.model, 1, ids.shape[1])
     nll, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, ids.shape[1] - 1, chunk):

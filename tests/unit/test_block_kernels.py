@@ -152,3 +152,64 @@ def test_prompt_rows_attend_causally_each_alone(dtype, rows, length, window):
         assert torch.equal(alone[:, :, 0], got[:, :, r])
     assert native.attend(q, k[:, :, : rows - 1], v[:, :, : rows - 1]) is None  # more rows than positions
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h,kv,d,qk_norm,window", [(16, 8, 128, True, None), (14, 2, 64, False, None),
+                                                   (6, 2, 40, True, 5)])
+def test_fused_decode_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm, window):
+    """Norms, RoPE, cache write and attention of one decode step in C, against the model's own torch ops."""
+    from qwenkit.model.rope import apply_rotary
+
+    b, pos, capacity, eps = 2, 37, 50, 1e-6
+    qkv = torch.randn(b, (h + 2 * kv) * d) * 3
+    wq, wk = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if qk_norm else (None, None)
+    angles = torch.rand(b, d // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    cache_k, cache_v = (torch.randn(b, kv, capacity, d).to(dtype) for _ in range(2))
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+
+    q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
+    q, k, v = q.view(b, h, 1, d), k.view(b, kv, 1, d), v.view(b, kv, 1, d)
+    if qk_norm:
+        q, k = (torch.nn.functional.rms_norm(t, (d,), w, eps) for t, w in ((q, wq), (k, wk)))
+    q, k = (apply_rotary(t, cos[:, None, None], sin[:, None, None]) for t in (q, k))
+    want_k[:, :, pos : pos + 1], want_v[:, :, pos : pos + 1] = k.to(dtype), v.to(dtype)
+    keys, values = want_k[:, :, : pos + 1].double(), want_v[:, :, : pos + 1].double()
+    mask = causal_mask(1, pos + 1, window)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), keys, values, attn_mask=mask, enable_gqa=True)
+
+    got = native.decode_attention(qkv, h, kv, wq, wk, eps, cos, sin, cache_k, cache_v, pos, window)
+    assert torch.equal(cache_v, want_v)  # values stored as torch rounds them to float16
+    # Keys: the C norm sums its squares in another order (a float32 ulp), which may move a float16 rounding.
+    assert (cache_k.double() - want_k.double()).abs().max() < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert (got.double().view(b, h, 1, d) - want).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="wrong shape"):
+        native.decode_attention(qkv[:, :-1], h, kv, wq, wk, eps, cos, sin, cache_k, cache_v, pos, window)
+    with pytest.raises(ValueError, match="wrong shape"):
+        native.decode_attention(qkv, h, kv, wq, wk, eps, cos, sin, cache_k, cache_v, capacity, window)
+
+
+def test_float16_rounding_equals_torch():
+    """The cache's float32 -> float16 conversion, on the awkward values: ties, subnormals, overflow, inf, NaN."""
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, float("inf"), -float("inf"), 6e-8, 3e-8,
+                            2.9802322e-08, 5.96e-8, 1e-5, -1e-7, 1.00048828125, 1.000732421875, 2049.0, 2051.0])
+    values = torch.cat([special, torch.randn(3998) * 10, torch.randn(4000) * 1e-5]).reshape(-1, 8)  # [n, D=8]
+    n = values.shape[0]
+    qkv = torch.cat([torch.zeros(n, 8), torch.zeros(n, 8), values], 1)  # one q, k and v head per row
+    cache_k, cache_v = torch.zeros(n, 1, 1, 8, dtype=torch.float16), torch.zeros(n, 1, 1, 8, dtype=torch.float16)
+    ones = torch.ones(n, 8)
+    native.decode_attention(qkv, 1, 1, None, None, 0.0, ones, torch.zeros(n, 8), cache_k, cache_v, 0, None)
+    assert torch.equal(cache_v.view(n, 8).view(torch.int16), values.half().view(torch.int16))
+    nan = torch.full((1, 24), float("nan"))
+    native.decode_attention(nan, 1, 1, None, None, 0.0, ones[:1], ones[:1] * 0, cache_k[:1], cache_v[:1], 0, None)
+    assert cache_v[:1].isnan().all()
+
+
+@pytest.mark.parametrize("dim", [896, 1024, 40])
+def test_rms_norm(dim):
+    x, w = torch.randn(3, dim) * 4, torch.rand(dim) + 0.5
+    want = torch.nn.functional.rms_norm(x.double(), (dim,), w.double(), 1e-6)
+    assert (native.rms_norm(x, w, 1e-6).double() - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="float32"):
+        native.rms_norm(x, w[:-1], 1e-6)

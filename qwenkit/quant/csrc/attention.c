@@ -124,16 +124,22 @@ INLINE __m512 reduce16(const __m512 *a) {
                          _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* nb heads' weighted sums of the values over lanes [j, j + 16), accumulated in registers over all n keys. */
-INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const int nb) {
+/* nb heads' weighted sums of the values over lanes [j, j + 16 * nj), accumulated in registers over all n keys.
+ * With nj * 16 = D each value row is read whole, in order: the cache streams from memory as it was written. */
+INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const int nb, const int nj) {
     const int64_t esize = half ? 2 : 4;
-    __m512 acc[4];
-    for (int i = 0; i < nb; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[16];
+    for (int i = 0; i < nb * nj; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < a->n; t++) {
-        const __m512 vv = load16(a->v + (t * a->st + j) * esize, half);
-        for (int i = 0; i < nb; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a->s[(g + i) * a->n + t]), vv, acc[i]);
+        const char *vt = a->v + (t * a->st + j) * esize;
+        for (int c = 0; c < nj; c++) {
+            const __m512 vv = load16(vt + 16 * c * esize, half);
+            for (int i = 0; i < nb; i++)
+                acc[i * nj + c] = _mm512_fmadd_ps(_mm512_set1_ps(a->s[(g + i) * a->n + t]), vv, acc[i * nj + c]);
+        }
     }
-    for (int i = 0; i < nb; i++) _mm512_storeu_ps(a->out + (g + i) * a->hs + j, acc[i]);
+    for (int i = 0; i < nb; i++)
+        for (int c = 0; c < nj; c++) _mm512_storeu_ps(a->out + (g + i) * a->hs + j + 16 * c, acc[i * nj + c]);
 }
 
 /* D a multiple of 16. Scores sixteen keys at a time (one reduction for all sixteen), values with the heads'
@@ -163,11 +169,19 @@ INLINE void row_avx512(const RowTask *a, const int half) {
         }
     }
     softmax_rows(a);
-    for (int64_t j = 0; j < D; j += 16) {
-        int64_t g = 0;
-        for (; g + 4 <= G; g += 4) weigh_values(a, half, g, j, 4);
-        for (; g + 2 <= G; g += 2) weigh_values(a, half, g, j, 2);
-        for (; g < G; g++) weigh_values(a, half, g, j, 1);
+    int64_t g = 0; /* at most 16 accumulators: heads in blocks of 16 / (D / 16) where D is 64 or 128 */
+    if (D == 64) {
+        for (; g + 4 <= G; g += 4) weigh_values(a, half, g, 0, 4, 4);
+        for (; g + 2 <= G; g += 2) weigh_values(a, half, g, 0, 2, 4);
+        for (; g < G; g++) weigh_values(a, half, g, 0, 1, 4);
+    } else if (D == 128) {
+        for (; g + 2 <= G; g += 2) weigh_values(a, half, g, 0, 2, 8);
+        for (; g < G; g++) weigh_values(a, half, g, 0, 1, 8);
+    } else {
+        for (int64_t j = 0; j < D; j += 16) {
+            for (g = 0; g + 4 <= G; g += 4) weigh_values(a, half, g, j, 4, 1);
+            for (; g < G; g++) weigh_values(a, half, g, j, 1, 1);
+        }
     }
 }
 #endif
@@ -207,4 +221,88 @@ int qk_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
         free(a.s);
     }
     return failed ? 3 : 0;
+}
+
+/* One head's vector of D: RMSNorm with weight w (when given: Qwen3's q_norm/k_norm), then rotate-half RoPE with
+ * cos/sin, each operation rounded as PyTorch's own ops round it (-ffp-contract=off keeps them apart). */
+static void norm_rope(const float *x, const float *w, float eps, const float *cos, const float *sin, int64_t D,
+                      float *y) {
+    float n[512];
+    const int64_t half = D / 2;
+    if (w) {
+        float ss = 0.0f;
+        for (int64_t j = 0; j < D; j++) ss += x[j] * x[j];
+        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int64_t j = 0; j < D; j++) n[j] = (x[j] * r) * w[j];
+    } else {
+        memcpy(n, x, sizeof(float) * (size_t)D);
+    }
+    for (int64_t j = 0; j < D; j++) {
+        const float rotated = j < half ? -n[j + half] : n[j - half];
+        y[j] = n[j] * cos[j] + rotated * sin[j];
+    }
+}
+
+INLINE void store_row(void *dst, const float *x, int64_t D, int half) {
+    if (half)
+        for (int64_t j = 0; j < D; j++) ((uint16_t *)dst)[j] = float_to_half_bits(x[j]);
+    else
+        memcpy(dst, x, sizeof(float) * (size_t)D);
+}
+
+/* The attention of one decode step after the fused q/k/v projection, for B sequences at position pos:
+ * qkv [B, (H + 2 KV) * D] float32 (q heads, then k heads, then v heads); q_norm, k_norm [D] or NULL; cos, sin
+ * [B, D]. Keys (normed, rotated) and values go into the caches at pos ([B, KV, capacity, D], element strides sb,
+ * sh, st; float16 or float32), then out [B, H * D] = attention over positions [0, pos] (the last `window` when
+ * window > 0). In PyTorch these were some 30 small operations per layer and token. */
+int qk_decode_attention(const float *qkv, int64_t B, int64_t H, int64_t KV, int64_t D, const float *q_norm,
+                        const float *k_norm, float eps, const float *cos, const float *sin, void *k_cache,
+                        void *v_cache, int half, int64_t sb, int64_t sh, int64_t st, int64_t pos, int64_t window,
+                        float scale, float *out, int n_threads) {
+    if (B <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || pos < 0 || window < 0) return 2;
+    const int64_t width = (H + 2 * KV) * D, esize = half ? 2 : 4;
+    float *q = malloc(sizeof(float) * (size_t)(B * H * D));
+    if (!q) return 3;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t task = 0; task < B * (H + KV); task++) {
+        const int64_t b = task / (H + KV), head = task % (H + KV);
+        const float *row = qkv + b * width, *c = cos + b * D, *s = sin + b * D;
+        if (head < H) {
+            norm_rope(row + head * D, q_norm, eps, c, s, D, q + (b * H + head) * D);
+        } else {
+            const int64_t j = head - H, at = (b * sb + j * sh + pos * st) * esize;
+            float key[512];
+            norm_rope(row + (H + j) * D, k_norm, eps, c, s, D, key);
+            store_row((char *)k_cache + at, key, D, half);
+            store_row((char *)v_cache + at, row + (H + KV + j) * D, D, half);
+        }
+    }
+    const int rc = qk_attend(q, B, H, KV, D, 1, k_cache, v_cache, half, sb, sh, st, pos + 1, window, scale, out,
+                             n_threads);
+    free(q);
+    return rc;
+}
+
+/* RMSNorm of `rows` rows of `dim`: out = (x * (1 / sqrt(mean(x^2) + eps))) * w. The decode step's norms over the
+ * hidden state, one thread (a row of ~1000 values is less work than waking a second). */
+int qk_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, float eps, float *out) {
+    if (rows < 0 || dim <= 0) return 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim, ss = 0.0f;
+        int64_t j = 0;
+#if QK_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        for (; j + 16 <= dim; j += 16) {
+            const __m512 v = _mm512_loadu_ps(xr + j);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#endif
+        for (; j < dim; j++) ss += xr[j] * xr[j];
+        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (j = 0; j < dim; j++) o[j] = (xr[j] * scale) * w[j];
+    }
+    return 0;
 }

@@ -476,21 +476,26 @@ INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0
     for (int r = 0; r < M; r++) acc[r] = off[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb32; b++, w += bytes) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); /* the 8 rows' scales */
-        __m256i dot[MAX_M];
-        for (int r = 0; r < M; r++) dot[r] = _mm256_setzero_si256();
+        /* Four integer partial sums per row, added at the end: vpdpbusd's latency would otherwise chain 8 deep
+         * per block. Integer addition is exact, so the order changes no result. */
+        __m256i dot[MAX_M][4];
+        for (int r = 0; r < M; r++)
+            for (int i = 0; i < 4; i++) dot[r][i] = _mm256_setzero_si256();
         const int8_t *x0 = a->q + m0 * a->k + 32 * b;
         if (type == T_Q8_0) {
-            __m256i bias = _mm256_setzero_si256(); /* 128 * sum of each row's values: x * w = (x + 128) * w - that */
-            for (int c = 0; c < 8; c++) {
+            __m256i bias[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* 128 * each row's value sum */
+            for (int c = 0; c < 8; c++) { /* x * w = (x + 128) * w - 128 * w */
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
-                bias = _mm256_dpbusd_epi32(bias, flip, q);
+                bias[c & 1] = _mm256_dpbusd_epi32(bias[c & 1], flip, q);
                 for (int r = 0; r < M; r++) {
                     int32_t x4;
                     memcpy(&x4, x0 + r * a->k + 4 * c, 4);
-                    dot[r] = _mm256_dpbusd_epi32(dot[r], _mm256_xor_si256(_mm256_set1_epi32(x4), flip), q);
+                    const __m256i xs = _mm256_xor_si256(_mm256_set1_epi32(x4), flip);
+                    dot[r][c & 3] = _mm256_dpbusd_epi32(dot[r][c & 3], xs, q);
                 }
             }
-            for (int r = 0; r < M; r++) dot[r] = _mm256_sub_epi32(dot[r], bias);
+            const __m256i all = _mm256_add_epi32(bias[0], bias[1]);
+            for (int r = 0; r < M; r++) dot[r][0] = _mm256_sub_epi32(dot[r][0], all);
         } else {
             const uint8_t *qs = w + (type == T_Q5_0 ? 48 : 16);
             for (int c = 0; c < 4; c++) {
@@ -507,14 +512,16 @@ INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0
                     int32_t xl, xh;
                     memcpy(&xl, x0 + r * a->k + 4 * c, 4);
                     memcpy(&xh, x0 + r * a->k + 16 + 4 * c, 4);
-                    dot[r] = _mm256_dpbusd_epi32(dot[r], lo, _mm256_set1_epi32(xl));
-                    dot[r] = _mm256_dpbusd_epi32(dot[r], hi, _mm256_set1_epi32(xh));
+                    dot[r][2 * (c & 1)] = _mm256_dpbusd_epi32(dot[r][2 * (c & 1)], lo, _mm256_set1_epi32(xl));
+                    dot[r][2 * (c & 1) + 1] = _mm256_dpbusd_epi32(dot[r][2 * (c & 1) + 1], hi, _mm256_set1_epi32(xh));
                 }
             }
         }
         for (int r = 0; r < M; r++) {
             const int64_t at = (m0 + r) * nb32 + b;
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[r]);
+            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(dot[r][0], dot[r][1]),
+                                                 _mm256_add_epi32(dot[r][2], dot[r][3]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[r]);
             if (type != T_Q8_0) off[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(a->s[at]), off[r]);
         }
     }

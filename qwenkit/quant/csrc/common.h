@@ -30,4 +30,31 @@ INLINE float half_bits_to_float(uint16_t h) {
     return f;
 }
 
+/* float -> IEEE half bits, rounding to nearest even as torch's .to(torch.float16) (F. Giesen's method: the
+ * subnormal case lets a float addition do the rounding). */
+INLINE uint16_t float_to_half_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = x & 0x80000000u;
+    x ^= sign;
+    uint16_t o;
+    if (x >= 0x47800000u) { /* 2^16 and above: infinity, or NaN */
+        o = x > 0x7f800000u ? 0x7e00 : 0x7c00;
+    } else if (x < 0x38800000u) { /* below 2^-14: a subnormal half, or zero */
+        const uint32_t magic_bits = ((127 - 15) + (23 - 10) + 1) << 23;
+        float a, magic;
+        memcpy(&a, &x, 4);
+        memcpy(&magic, &magic_bits, 4);
+        a += magic;
+        uint32_t r;
+        memcpy(&r, &a, 4);
+        o = (uint16_t)(r - magic_bits);
+    } else {
+        const uint32_t odd = (x >> 13) & 1u;
+        x += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        o = (uint16_t)(x >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
 #endif
