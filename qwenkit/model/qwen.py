@@ -19,6 +19,12 @@ from qwenkit.model.rope import Rotary, apply_rotary
 from qwenkit.quant import native
 
 
+def native_step(x: torch.Tensor, cache) -> bool:
+    """A decode step (one new token per sequence) on a KVCache made for the block kernels (KVCache.fused): its
+    norms and attention run as single C calls (qwenkit.quant.native), the same math without the op dispatch."""
+    return x.shape[1] == 1 and cache is not None and not cache.paged and cache.fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,7 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, native_decode: bool = False) -> torch.Tensor:
-        if native_decode:  # a decode step on the block kernels (KVCache.fused): one C call, no op dispatch
+        if native_decode:  # see native_step
             return native.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
             # One fused kernel instead of six ops: the same fp32 math, and decode runs it 49 times per token.
@@ -73,9 +79,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache, start: int) -> torch.Tensor:
         b, t, _ = x.shape
-        if t == 1 and cache is not None and not cache.paged and cache.fused and self.qkv_proj is not None:
-            # A decode step on the block kernels: norms, RoPE, cache write and attention in one C call; the
-            # same math as below, without its thirty small ops per layer.
+        if self.qkv_proj is not None and native_step(x, cache):
+            # q/k norms, RoPE, cache write and attention in one C call: the math below without its ~30 small ops.
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (
                 None, None, 0.0)
             out = native.decode_attention(self.qkv_proj(x).view(b, -1), self.n_heads, self.n_kv, *norms,
@@ -123,9 +128,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, masks, cache, start):
-        fused = x.shape[1] == 1 and cache is not None and not cache.paged and cache.fused
-        x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, masks, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x, fused))
+        native_decode = native_step(x, cache)
+        x = x + self.self_attn(self.input_layernorm(x, native_decode), cos, sin, masks, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x, native_decode))
 
 
 class Backbone(nn.Module):

@@ -47,6 +47,12 @@ class BlockWeight:
         return GGMLType(self.qtype).name
 
 
+def _one_width(widths: set[int]) -> int:
+    if len(widths) != 1:
+        raise ValueError(f"BlockLinear: parts of different input widths {sorted(widths)}")
+    return widths.pop()
+
+
 def joined_bias(layers: list[nn.Module]) -> torch.Tensor | None:
     """The biases of layers joined along their rows, when every one has a bias."""
     if all(layer.bias is not None for layer in layers):
@@ -57,17 +63,19 @@ def joined_bias(layers: list[nn.Module]) -> torch.Tensor | None:
 class BlockLinear(nn.Module):
     def __init__(self, parts: list[BlockWeight], bias: torch.Tensor | None = None):
         super().__init__()
-        widths = {p.shape[1] for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"BlockLinear: parts of different input widths {sorted(widths)}")
-        self.in_features = widths.pop()
-        self.out_features = sum(p.shape[0] for p in parts)
         # The kernel's own parts: Q4_0/Q5_0/Q8_0 rows interleaved by 8 (the same bytes, another order)
-        kernel_parts = [kp for p in parts for kp in native.interleave(p.blocks, p.qtype, self.in_features)]
+        in_features = _one_width({p.shape[1] for p in parts})
+        kernel_parts = [kp for p in parts for kp in native.interleave(p.blocks, p.qtype, in_features)]
+        self._install(kernel_parts, in_features, [p.type_name for p in parts], bias)
+
+    def _install(self, kernel_parts: list[tuple[torch.Tensor, int]], in_features: int, type_names: list[str],
+                 bias: torch.Tensor | None) -> None:
+        self.in_features = in_features
+        self.out_features = sum(int(b.shape[0]) for b, _ in kernel_parts)
         self.kernel_types = [t for _, t in kernel_parts]
         for i, (blocks, _) in enumerate(kernel_parts):
             self.register_buffer(f"blocks{i}", blocks)
-        self.kind = "+".join(dict.fromkeys(p.type_name for p in parts))  # what benchmarks and repr report
+        self.kind = "+".join(dict.fromkeys(type_names))  # what benchmarks and repr report
         self.bf16 = native_bf16()
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[tuple[int, ...], native.Parts] | None = None
@@ -93,8 +101,14 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def joined(cls, layers: list[BlockLinear]) -> BlockLinear:
-        """One layer whose rows are the layers' rows in order (their biases joined too, when all have one)."""
-        return cls([p for layer in layers for p in layer.parts], bias=joined_bias(layers))
+        """One layer whose rows are the layers' rows in order (their biases joined too, when all have one). It
+        holds the layers' own buffers (interleaving stays within a part): nothing is copied."""
+        width = _one_width({layer.in_features for layer in layers})
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out._install([kp for layer in layers for kp in layer._blocks()], width,
+                     [name for layer in layers for name in layer.kind.split("+")], joined_bias(layers))
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -213,3 +213,24 @@ def test_rms_norm(dim):
     assert (native.rms_norm(x, w, 1e-6).double() - want).abs().max() < 1e-5
     with pytest.raises(ValueError, match="float32"):
         native.rms_norm(x, w[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3-headdim", "qwen2-tied-sliding", "qwen3_moe"])
+def test_model_decode_steps_through_the_fused_path_equal_the_torch_path(arch, tmp_path):
+    """A tiny Q8_0 GGUF on the block kernels: decode steps with KVCache.fused (C norms, RoPE, cache write and
+    attention) give the logits of the same cache run through the model's torch ops, within float32 rounding."""
+    from qwenkit.engine.cache import KVCache
+    from qwenkit.runtime import load
+    from tests.tiny_checkpoint import tiny_gguf
+
+    model = load(tiny_gguf(tmp_path, arch, qtype=gguf.GGMLQuantizationType.Q8_0), pull=False).model
+    assert any(isinstance(m, BlockLinear) for m in model.modules())
+    prompt, steps = torch.tensor([[5, 17, 29, 3, 41, 8, 60, 12, 9, 33, 2, 71]]), [4, 19, 27, 6, 50, 11]
+    logits = {}
+    for fused in (True, False):
+        cache = KVCache(model.config, 1, prompt.shape[1] + len(steps), torch.float16, fused=fused)
+        with torch.inference_mode():
+            model(prompt, cache=cache, logits="last")
+            logits[fused] = torch.stack([model(torch.tensor([[t]]), cache=cache, logits="last")[0] for t in steps])
+    assert KVCache.for_model(model, 1, 4).fused
+    assert (logits[True] - logits[False]).abs().max() < 1e-4 * logits[False].abs().max()
