@@ -103,9 +103,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, start, k, v)
         mask = masks.get(self.window)
-        if t == 1 and mask is None:
+        # On the block kernels (KVCache.fused) prompt chunks attend in C too, over the float16 cache in place.
+        out = native.attend(q, k, v, self.window) if cache is not None and cache.fused else None
+        if out is None and t == 1 and mask is None:
             out = decode_attention(q, k, v)
-        else:
+        elif out is None:
             if k.dtype != q.dtype:  # a float16 cache (block-quantized models): prompt chunks attend in q's dtype
                 k, v = k.to(q.dtype), v.to(q.dtype)
             gqa = self.n_kv != self.n_heads
@@ -145,13 +147,14 @@ def attention_masks(windows: set[int | None], start: int, t: int, device: torch.
     """Boolean masks [t, start + t] (True = may attend) for each window size in use; None means full attention.
 
     A single decode step with full attention needs no mask at all: it may see every cached key; nor does a whole
-    sequence without a cache (cached=False), which attention runs as plain causal.
+    sequence without a cache (cached=False) or a prompt's first chunk (start 0), which attention runs as plain
+    causal: SDPA then skips the blocks above the diagonal instead of computing them to mask them out.
     """
     q_pos = torch.arange(start, start + t, device=device)[:, None]
     k_pos = torch.arange(start + t, device=device)[None, :]
     masks: dict = {}
     for w in windows:
-        if w is None and (t == 1 or not cached):
+        if w is None and (t == 1 or not cached or start == 0):
             masks[w] = None
             continue
         allowed = k_pos <= q_pos

@@ -108,6 +108,8 @@ static void row_portable(const RowTask *a, int half) {
 }
 
 #if QK_AVX512
+#define AHEAD 32 /* keys (or values) ahead that the loops prefetch */
+
 /* Sixteen vectors -> one: lane i is the sum of a[i]'s lanes (a transpose folded into the additions). */
 INLINE __m512 reduce16(const __m512 *a) {
     __m512 x[8], y[4], z[2];
@@ -132,6 +134,8 @@ INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const
     for (int i = 0; i < nb * nj; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < a->n; t++) {
         const char *vt = a->v + (t * a->st + j) * esize;
+        if (g == 0 && t + AHEAD < a->n)
+            for (int64_t at = 0; at < 16 * nj * esize; at += 64) _mm_prefetch(vt + AHEAD * a->st * esize + at, _MM_HINT_T0);
         for (int c = 0; c < nj; c++) {
             const __m512 vv = load16(vt + 16 * c * esize, half);
             for (int i = 0; i < nb; i++)
@@ -152,6 +156,10 @@ INLINE void row_avx512(const RowTask *a, const int half) {
         float *sg = a->s + g * n;
         int64_t t = 0;
         for (; t + 16 <= n; t += 16) {
+            if (g == 0) /* the cache is cold (every layer's comes by once per token): ask for keys ahead */
+                for (int64_t at = (t + AHEAD) * a->st * esize, end = (t + AHEAD + 16) * a->st * esize;
+                     at < end && t + AHEAD < n; at += 64)
+                    _mm_prefetch(a->k + at, _MM_HINT_T0);
             __m512 acc[16];
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16) {

@@ -249,6 +249,66 @@ static void dequantize_block(int type, const uint8_t *b, float *out) {
     }
 }
 
+#if QK_VNNI
+/* float_to_bf16 on 16 lanes. */
+INLINE __m256i bf16_16(__m512 y) {
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* Eight interleaved Q4_0 or Q8_0 rows' block `blk` (of nb per row) into rows r0..r0+7 of out [*, k]: a gather
+ * brings back each row's value bytes in order, then 16 values per vector. The same products as dequantize_block,
+ * so the same float32 values and bfloat16 roundings; a prompt chunk dequantizes every weight this way. */
+static void dequantize_group_x8(int type, const uint8_t *g, int64_t r0, int64_t blk, int64_t k, void *out, int bf16) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
+    float scales[8];
+    _mm256_storeu_ps(scales, d);
+    const int *values = (const int *)(g + 16);
+    __m512i rows4[2]; /* Q4_0: rows 0-3 and 4-7, each row's 16 value bytes back in order */
+    if (type == T_Q4_0) {
+        const __m512i a = _mm512_loadu_si512(g + 16), b = _mm512_loadu_si512(g + 80); /* chunks 0-1, 2-3 */
+        const __m512i idx = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+        rows4[0] = _mm512_permutex2var_epi32(a, idx, b);
+        rows4[1] = _mm512_permutex2var_epi32(a, _mm512_add_epi32(idx, _mm512_set1_epi32(4)), b);
+    }
+    for (int r = 0; r < 8; r++) {
+        __m512 v[2];
+        if (type == T_Q4_0) {
+            __m128i q;
+            switch (r & 3) { /* the lane index must be a constant */
+            case 0: q = _mm512_extracti32x4_epi32(rows4[r >> 2], 0); break;
+            case 1: q = _mm512_extracti32x4_epi32(rows4[r >> 2], 1); break;
+            case 2: q = _mm512_extracti32x4_epi32(rows4[r >> 2], 2); break;
+            default: q = _mm512_extracti32x4_epi32(rows4[r >> 2], 3); break;
+            }
+            const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+            v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(q, m4), eight)));
+            v[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4),
+                                                                         eight)));
+        } else {
+            const __m256i idx = _mm256_setr_epi32(r, 8 + r, 16 + r, 24 + r, 32 + r, 40 + r, 48 + r, 56 + r);
+            const __m256i q = _mm256_i32gather_epi32(values, idx, 4);
+            v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            v[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        }
+        const __m512 scale = _mm512_set1_ps(scales[r]);
+        const int64_t at = (r0 + r) * k + 32 * blk;
+        for (int h = 0; h < 2; h++) {
+            const __m512 y = _mm512_mul_ps(scale, v[h]);
+            if (!bf16) {
+                _mm512_storeu_ps((float *)out + at + 16 * h, y);
+                continue;
+            }
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + 16 * h), bf16_16(y));
+        }
+    }
+}
+#endif
+
 /* Rows of a [n, k] tensor (all of them, or those in `ids`) into float32 or bfloat16 `out` [len, k]. */
 int qk_dequantize(const uint8_t *w, int type, int64_t n, int64_t k, const int64_t *ids, int64_t n_ids,
                   void *out, int bf16, int n_threads) {
@@ -261,6 +321,16 @@ int qk_dequantize(const uint8_t *w, int type, int64_t n, int64_t k, const int64_
         for (int64_t i = 0; i < n_ids; i++)
             if (ids[i] < 0 || ids[i] >= n) return QK_BAD_ROW;
     if (n_threads < 1) n_threads = 1;
+#if QK_VNNI
+    if (!ids && (type == (T_Q4_0 | X8) || type == (T_Q8_0 | X8))) { /* whole weights of the interleaved types */
+        const int64_t group_bytes = 8 * nb * block_bytes(type), bb8 = 8 * block_bytes(type);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t grp = 0; grp < n / 8; grp++)
+            for (int64_t blk = 0; blk < nb; blk++)
+                dequantize_group_x8(type & ~X8, w + grp * group_bytes + blk * bb8, 8 * grp, blk, k, out, bf16);
+        return QK_OK;
+    }
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (rows * k >= (1 << 16))
     for (int64_t r = 0; r < rows; r++) {
         const int64_t row = ids ? ids[r] : r;
