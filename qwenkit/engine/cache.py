@@ -28,7 +28,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device="cpu",
                  fused: bool = False):
         self.config, self.batch, self.dtype, self.device = config, batch, dtype, torch.device(device)
-        self.fused = fused  # decode steps attend through native.decode_attention (see native_decode)
+        self.fused = fused  # attention (and a decode step's norms) in qwenkit.quant.native: see native_decode
         self.length = 0
         self.capacity = 0
         self.k: list[torch.Tensor] = []

@@ -1,4 +1,5 @@
-"""The CPU kernels of csrc/ (GGUF block matmuls, decode attention): built with the system C compiler on first use, cached, loaded by ctypes.
+"""The CPU kernels of csrc/ (GGUF block matmuls, attention, decode-step norms): built with the system C compiler
+on first use, cached, loaded by ctypes.
 
 The library is compiled for this CPU (-march=native) into ``$QWENKIT_HOME/native/``, named by a hash of the
 source, the flags and the CPU's flags, so an edit or another machine gets its own build; building takes a couple
@@ -34,7 +35,8 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=
 # ggml type ids the kernels take (qwenkit.checkpoint.quants.GGMLType), with (values per block, bytes per block)
 BLOCKS = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 
-_ERRORS = {1: "unsupported block type", 2: "bad shape (rows not whole blocks, or heads not grouped evenly)", 3: "out of memory", 4: "row id out of range"}
+_ERRORS = {1: "unsupported block type", 2: "bad shape (rows not whole blocks, or heads not grouped evenly)",
+           3: "out of memory", 4: "row id out of range"}
 
 
 class _Part(ctypes.Structure):
@@ -215,7 +217,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
                              torch.get_num_threads())
     _check(rc, "attention")
     return out
-
 
 
 def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: torch.Tensor | None,

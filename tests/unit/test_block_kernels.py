@@ -13,6 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from qwenkit.engine.paged import _causal  # noqa: E402
 from qwenkit.quant import native  # noqa: E402
 from qwenkit.quant.blocks import BlockLinear, BlockWeight  # noqa: E402
 
@@ -129,11 +130,6 @@ def test_decode_attention(dtype, b, h, kv, d, length):
     assert native.attend(q.double(), k, v) is None  # not the kernel's: the caller's path runs
 
 
-def causal_mask(rows: int, length: int, window: int | None) -> torch.Tensor:
-    q_pos, k_pos = torch.arange(length - rows, length)[:, None], torch.arange(length)[None, :]
-    return (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,length,window", [(40, 40, None), (7, 300, None), (33, 90, 16), (5, 5, 2)])
 def test_prompt_rows_attend_causally_each_alone(dtype, rows, length, window):
@@ -143,7 +139,7 @@ def test_prompt_rows_attend_causally_each_alone(dtype, rows, length, window):
     k, v = torch.randn(1, kv, length, d).to(dtype), torch.randn(1, kv, length, d).to(dtype)
     q = torch.randn(1, h, rows, d) * 2
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), attn_mask=causal_mask(rows, length, window), enable_gqa=True)
+        q.double(), k.double(), v.double(), attn_mask=_causal(rows, length, window), enable_gqa=True)
     got = native.attend(q, k, v, window)
     assert (got.double() - want).abs().max() < 1e-5
     for r in (0, rows // 2, rows - 1):
@@ -176,7 +172,7 @@ def test_fused_decode_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm,
     q, k = (apply_rotary(t, cos[:, None, None], sin[:, None, None]) for t in (q, k))
     want_k[:, :, pos : pos + 1], want_v[:, :, pos : pos + 1] = k.to(dtype), v.to(dtype)
     keys, values = want_k[:, :, : pos + 1].double(), want_v[:, :, : pos + 1].double()
-    mask = causal_mask(1, pos + 1, window)
+    mask = _causal(1, pos + 1, window)
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), keys, values, attn_mask=mask, enable_gqa=True)
 
     got = native.decode_attention(qkv, h, kv, wq, wk, eps, cos, sin, cache_k, cache_v, pos, window)

@@ -7,8 +7,9 @@
  * kernel differ in the last bits, which 8-bit activation rounding downstream can turn into another sampled token.)
  *
  * One task per (sequence, key/value head, query row): its keys are read once for all the query heads that share
- * them (grouped-query attention), then its values once. Softmax in float32 with a vectorised exp. The cache is
- * read where it lies (any batch/head/position strides, contiguous head_dim), so nothing is copied or converted.
+ * them (grouped-query attention), then its values once per block of up to four heads. Softmax in float32 with a
+ * vectorised exp. The cache is read where it lies (any batch/head/position strides, contiguous head_dim), so
+ * nothing is copied or converted.
  */
 #include <math.h>
 #include <stdint.h>
@@ -135,7 +136,8 @@ INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const
     for (int64_t t = 0; t < a->n; t++) {
         const char *vt = a->v + (t * a->st + j) * esize;
         if (g == 0 && t + AHEAD < a->n)
-            for (int64_t at = 0; at < 16 * nj * esize; at += 64) _mm_prefetch(vt + AHEAD * a->st * esize + at, _MM_HINT_T0);
+            for (int64_t at = 0; at < 16 * nj * esize; at += 64)
+                _mm_prefetch(vt + AHEAD * a->st * esize + at, _MM_HINT_T0);
         for (int c = 0; c < nj; c++) {
             const __m512 vv = load16(vt + 16 * c * esize, half);
             for (int i = 0; i < nb; i++)
@@ -231,6 +233,23 @@ int qk_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
     return failed ? 3 : 0;
 }
 
+/* RMSNorm of one row of `dim`: out = (x * (1 / sqrt(mean(x^2) + eps))) * w. */
+static void rms_row(const float *x, const float *w, int64_t dim, float eps, float *out) {
+    float ss = 0.0f;
+    int64_t j = 0;
+#if QK_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= dim; j += 16) {
+        const __m512 v = _mm512_loadu_ps(x + j);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < dim; j++) ss += x[j] * x[j];
+    const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (j = 0; j < dim; j++) out[j] = (x[j] * scale) * w[j];
+}
+
 /* One head's vector of D: RMSNorm with weight w (when given: Qwen3's q_norm/k_norm), then rotate-half RoPE with
  * cos/sin, each operation rounded as PyTorch's own ops round it (-ffp-contract=off keeps them apart). */
 static void norm_rope(const float *x, const float *w, float eps, const float *cos, const float *sin, int64_t D,
@@ -238,10 +257,7 @@ static void norm_rope(const float *x, const float *w, float eps, const float *co
     float n[512];
     const int64_t half = D / 2;
     if (w) {
-        float ss = 0.0f;
-        for (int64_t j = 0; j < D; j++) ss += x[j] * x[j];
-        const float r = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int64_t j = 0; j < D; j++) n[j] = (x[j] * r) * w[j];
+        rms_row(x, w, D, eps, n);
     } else {
         memcpy(n, x, sizeof(float) * (size_t)D);
     }
@@ -292,25 +308,10 @@ int qk_decode_attention(const float *qkv, int64_t B, int64_t H, int64_t KV, int6
     return rc;
 }
 
-/* RMSNorm of `rows` rows of `dim`: out = (x * (1 / sqrt(mean(x^2) + eps))) * w. The decode step's norms over the
- * hidden state, one thread (a row of ~1000 values is less work than waking a second). */
+/* RMSNorm of `rows` rows of `dim` (rms_row): the decode step's norms over the hidden state, one thread (a row of
+ * ~1000 values is less work than waking a second). */
 int qk_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, float eps, float *out) {
     if (rows < 0 || dim <= 0) return 2;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *o = out + r * dim, ss = 0.0f;
-        int64_t j = 0;
-#if QK_AVX512
-        __m512 acc = _mm512_setzero_ps();
-        for (; j + 16 <= dim; j += 16) {
-            const __m512 v = _mm512_loadu_ps(xr + j);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        ss = _mm512_reduce_add_ps(acc);
-#endif
-        for (; j < dim; j++) ss += xr[j] * xr[j];
-        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (j = 0; j < dim; j++) o[j] = (xr[j] * scale) * w[j];
-    }
+    for (int64_t r = 0; r < rows; r++) rms_row(x + r * dim, w, dim, eps, out + r * dim);
     return 0;
 }

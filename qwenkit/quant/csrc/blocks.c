@@ -669,7 +669,8 @@ int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int6
         const int64_t first = n * t / nt, last = n * (t + 1) / nt; /* this thread's rows of W */
         int64_t base = 0;
         for (int p = 0; p < n_parts; p++) {
-            const int64_t lo = first > base ? first : base, hi = last < base + parts[p].rows ? last : base + parts[p].rows;
+            const int64_t end = base + parts[p].rows;
+            const int64_t lo = first > base ? first : base, hi = last < end ? last : end;
             const int type = (int)parts[p].type;
             const int64_t row_bytes = k / block_elements(type) * block_bytes(type);
 #if QK_VNNI
