@@ -162,39 +162,44 @@ class QwenkitRunner:
             "note": self.note,
         }
 
-    def _tokens(self, prompt, gen, timings):
-        from qwenkit.engine.generate import decode_tokens
-        from qwenkit.engine.sampling import Sampler, SamplingParams
+    def _request(self, prompt: list[int], gen: int):
+        from qwenkit.engine.engine import GenerationRequest
+        from qwenkit.engine.sampling import SamplingParams
 
-        sampler = Sampler(SamplingParams(temperature=0.0, seed=0), self.m.config.vocab_size, [])
-        return decode_tokens(self.m.model, prompt, sampler, gen, set(), timings)  # no stop ids: EOS ignored
+        # no stop ids: end-of-text ignored
+        return GenerationRequest(prompt, SamplingParams(temperature=0.0, seed=0), max_new_tokens=gen)
 
     def run(self, prompt: list[int], gen: int) -> dict:
-        from qwenkit.engine.generate import Timings
-
-        timings = Timings()
-        tokens = [t for t, _ in self._tokens(prompt, gen, timings)]
-        return {"prefill_s": timings.prefill_done - timings.started,
-                "decode_s": timings.last_token - timings.prefill_done, "n_tokens": len(tokens), "tokens": tokens[:32]}
+        """One request through the model's engine, as every entry point generates. A fresh engine each time: the
+        repetitions repeat the prompt, which the prefix cache would otherwise serve without a prefill."""
+        self.m.start_engine()
+        tokens, last = [], None
+        for step in self.m.stream(self._request(prompt, gen)):
+            tokens += step.tokens
+            last = step
+        decode_s = (len(tokens) - 1) / last.generation_tps if len(tokens) > 1 else 0.0
+        return {"prefill_s": last.time_to_first_token, "decode_s": decode_s, "n_tokens": len(tokens),
+                "tokens": tokens[:32]}
 
     def profile(self, prompt: list[int], warm: int = 3) -> str:
         """torch.profiler summary of one decode step (forward of one token + greedy sampling), after `warm` steps:
         time per module role (inclusive, from hooks that label each submodule's call) and the top ops by self CPU
-        time (compiled regions show up as CompiledFxGraph calls, hence the module view)."""
+        time (compiled regions show up as CompiledFxGraph calls, hence the module view). The engine is stepped in
+        this thread (its worker not started), one scheduler step at a time."""
         from torch.profiler import ProfilerActivity, profile
 
-        from qwenkit.engine.generate import Timings
+        from qwenkit.engine.engine import Engine
 
         hooks = label_modules(self.m.model)  # before the warm-up, so any recompilation they cause happens there
         try:
-            steps = self._tokens(prompt, warm + 2, Timings())
-            for _ in range(warm + 1):  # the first next() is the prefill, then `warm` decode steps
-                next(steps)
+            engine = Engine(self.m.model, self.m.tokenizer)
+            engine.submit(self._request(prompt, warm + 2))
+            for _ in range(warm + 1):  # the first step is the prefill (prompts up to 512 tokens), then decode steps
+                engine.step()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 started = time.perf_counter()
-                next(steps)
+                engine.step()
                 wall = time.perf_counter() - started
-            steps.close()
         finally:
             for h in hooks:
                 h.remove()

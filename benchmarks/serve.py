@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Serving throughput: N concurrent streaming clients against `qwenkit serve`, over loopback, with the official
 `openai` client, against the same requests sent one at a time; and llama.cpp's batched decode on the same file.
+First, one stream through each entry point: `qwenkit serve` (HTTP, the `openai` client), `qwenkit run` and the
+Python API, the same question, greedy, side by side (all three run on the same engine).
 
     python benchmarks/serve.py                          # the default model, 8 concurrent streams, 64 tokens each
     python benchmarks/serve.py --workload q8_0 --concurrency 8 --max-tokens 64
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -119,6 +122,48 @@ async def run_phase(port: int, model: str, questions: list[str], max_tokens: int
             "per_stream_tps_median": statistics.median(speeds) if speeds else None}
 
 
+STATS = re.compile(r"answer (\d+) tokens at ([\d.]+) tok/s")
+
+
+def one_stream_through_the_server(port: int, model: str, args) -> dict:
+    """Decode tok/s of one greedy stream through the server (client-side chunk times), --single-reps times; `qwenkit
+    run` (its statistics line) and the Python API (Response.generation_tps) follow once the server has stopped."""
+    question = QUESTIONS[0]
+    served = [asyncio.run(run_phase(port, model, [question], args.max_tokens, False))["per_stream_tps_median"]
+              for _ in range(args.single_reps)]
+    return {"question": question, "serve": served}
+
+
+def one_stream_outside_the_server(path: str, args) -> dict:
+    """`qwenkit run` and the Python API, each in processes of their own (the server has stopped)."""
+    question, run, tokens = QUESTIONS[0], [], []
+    for _ in range(args.single_reps):
+        cmd = [sys.executable, "-m", "qwenkit", "run", path, question, "--temperature", "0", "--max-tokens",
+               str(args.max_tokens), "--threads", str(args.threads), "--quant", args.quant]
+        done = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+        found = STATS.search(done.stderr)
+        if done.returncode or not found:
+            raise RuntimeError(f"qwenkit run failed: {done.stderr[-1000:]}")
+        tokens.append(int(found.group(1)))
+        run.append(float(found.group(2)))
+    cmd = [sys.executable, __file__, "--_api", path, question, str(args.max_tokens), str(args.threads), args.quant,
+           str(args.single_reps)]
+    done = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"Python API run failed: {done.stderr[-1000:]}")
+    return {"run": run, "run_tokens": tokens, "api": json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def python_api(path: str, question: str, max_tokens: int, threads: int, quant: str, reps: int) -> list[float]:
+    """qwenkit.load(path).chat(...) decode tok/s, after one warm-up call (run with --_api in its own process)."""
+    import qwenkit
+
+    model = qwenkit.load(path, threads=threads, quant=quant)
+    messages = [{"role": "user", "content": question}]
+    model.chat(messages, temperature=0, max_tokens=4)
+    return [model.chat(messages, temperature=0, max_tokens=max_tokens).generation_tps for _ in range(reps)]
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     k = (len(sorted_values) - 1) * p / 100
     lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
@@ -185,8 +230,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp's batched decode")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--single-reps", type=int, default=3, help="repetitions of the one-stream comparison")
     p.add_argument("--_llama", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--_api", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._api:
+        path, question, max_tokens, threads, quant, reps = args._api
+        print(json.dumps(python_api(path, question, int(max_tokens), int(threads), quant, int(reps))))
+        return 0
     if args._llama:
         path, batch, prompt_len, gen, threads = args._llama
         print(json.dumps(llama_batched(path, int(batch), int(prompt_len), int(gen), int(threads))))
@@ -200,14 +251,19 @@ def main(argv=None) -> int:
     try:
         model = served_model(port)
         asyncio.run(run_phase(port, model, questions[:1], 4, False))  # warm-up, not counted
+        single = one_stream_through_the_server(port, model, args)
         alone = asyncio.run(run_phase(port, model, questions, args.max_tokens, False))
         together = asyncio.run(run_phase(port, model, questions, args.max_tokens, True))
+        metrics = kv_metrics(port)
     finally:
         server.terminate()
         server.wait(timeout=60)
+    single |= one_stream_outside_the_server(str(path), args)
     result = {"workload": args.workload, "model": description, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "threads": args.threads, "quant": args.quant,
-              "one_at_a_time": alone, "concurrent": together,
+              "one_stream": single | {"medians": {name: statistics.median(single[name]) for name in
+                                                  ("serve", "run", "api")}},
+              "one_at_a_time": alone, "concurrent": together, "kv_metrics": metrics,
               "concurrent_over_alone": together["aggregate_tps"] / alone["aggregate_tps"]}
     if not args.no_llama:
         try:
@@ -225,7 +281,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def kv_metrics(port: int) -> dict:
+    """The KV cache figures /metrics reports (bytes per token, blocks in use and in all)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("qwenkit_kv_"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
 def print_table(r: dict) -> None:
+    one = r["one_stream"]["medians"]
+    print(f"\none stream, decode tok/s (median of {len(r['one_stream']['serve'])}): serve {one['serve']:.1f}, "
+          f"run {one['run']:.1f}, Python API {one['api']:.1f}; slowest / fastest "
+          f"{min(one.values()) / max(one.values()):.2f}")
+    print(f"KV cache: {r['kv_metrics']}")
     print(f"\n{'':22}{'aggregate tok/s':>16}{'TTFT p50':>10}{'TTFT p99':>10}{'per-stream tok/s':>18}")
     for name in ("one_at_a_time", "concurrent"):
         x = r[name]

@@ -23,6 +23,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", choices=("f16", "f32"),
+                   help="keys and values in the KV cache (default: f16 for a float32 model, as llama.cpp)")
     p.add_argument(
         "--quant",
         choices=("auto", "int8", "int4", "none"),
@@ -154,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _load(args: argparse.Namespace):
+    """The model of `run` or `bench`, its engine started with the command's KV dtype."""
+    import qwenkit
+    from qwenkit.engine.engine import kv_dtype
+
+    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
+    model.start_engine(kv_dtype=kv_dtype(args.kv_dtype))
+    return model
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from qwenkit.cli_chat import answer_once, interactive
 
-    import qwenkit
-
-    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
+    model = _load(args)
     sampling = _sampling(args)
     if args.prompt is None:
         return interactive(model, args.system, args.think, sampling)
@@ -236,11 +246,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import qwenkit
     from qwenkit.bench import run_bench
 
-    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
-    r = run_bench(model.model, args.prompt_tokens, args.gen_tokens, args.reps)
+    model = _load(args)
+    r = run_bench(model, args.prompt_tokens, args.gen_tokens, args.reps)
     if args.json:
         print(json.dumps(r.__dict__ | {"model": args.model, "load_seconds": model.load_seconds}))
         return 0
@@ -268,6 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
         quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, lora=_lora_map(args.lora),
+        kv_dtype=args.kv_dtype,
     )
     return serve(config, verbose=args.verbose)
 

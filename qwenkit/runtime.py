@@ -1,6 +1,8 @@
 """The Python API: `qwenkit.load(ref)` returns a Model with `generate` (raw text) and `chat` (messages, tools).
 
-Both return one aggregated Response, or with stream=True an iterator of Responses, one per generated token.
+Both return one aggregated Response, or with stream=True an iterator of Responses, one per generated token. Every
+call runs on the model's batching engine (qwenkit.engine.engine), the same one `qwenkit serve` runs: one request is
+a batch of one, and calls from several threads share its steps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from qwenkit.checkpoint import Checkpoint, open_checkpoint
-from qwenkit.engine.generate import stream_responses
+from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
@@ -69,6 +71,28 @@ class Model:
         )
         self.stop_token_ids = set(checkpoint.stop_token_ids(self.tokenizer))
         self.context_length = self.config.max_position_embeddings
+        self._engine: Engine | None = None
+        self._engine_options: dict[str, Any] = {}
+
+    # ---- the engine ------------------------------------------------------------------------------------------
+    def start_engine(self, **options) -> Engine:
+        """Start the batching engine that generation runs on, with Engine's options (max_batch, kv_dtype,
+        adapters, ...); one that was running finishes what it has first."""
+        if self._engine is not None:
+            self._engine.shutdown(drain=True)
+        options.setdefault("max_model_len", self.context_length)
+        self._engine_options = options
+        self._engine = Engine(self.model, self.tokenizer, **options)
+        self._engine.start()
+        return self._engine
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine: started with its defaults on first use, and again with the last options given
+        after it was shut down (a server that stopped, say)."""
+        if self._engine is None or self._engine.stopping:
+            return self.start_engine(**self._engine_options)
+        return self._engine
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
@@ -175,10 +199,20 @@ class Model:
                                      continue_final_message=continue_final_message, **sampling)
         return self._run(prepared, stream=stream)
 
+    def request(self, p: Prepared, **options) -> GenerationRequest:
+        """The engine request for a prepared prompt (options: GenerationRequest's constraint, timeout, adapter)."""
+        return GenerationRequest(p.prompt_ids, p.params, p.max_new_tokens, p.stop_ids, p.new_parser(), **options)
+
+    def stream(self, request: GenerationRequest) -> Iterator[Response]:
+        """The Responses of one engine request; leaving the loop early frees its place in the engine."""
+        handle = self.engine.submit(request)
+        try:
+            yield from handle
+        finally:
+            handle.abort()
+
     def _run(self, p: Prepared, stream: bool):
-        steps = stream_responses(
-            self.model, self.tokenizer, p.prompt_ids, p.params, p.max_new_tokens, p.stop_ids, p.new_parser()
-        )
+        steps = self.stream(self.request(p))
         if stream:
             return steps
         total = Response()

@@ -34,10 +34,20 @@ def tiny_gguf_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf_path):
-    """qwenkit.load(tiny_hf_path), loaded once per session (read-only use)."""
+    """qwenkit.load(tiny_hf_path), loaded once per session (read-only use). Its engine keeps float32 keys and
+    values, so tests may compare its logprobs with uncached float32 forwards to 1e-4 (test_generation checks the
+    float16 default on its own; tests that change the engine restore this one with float32_engine)."""
     import qwenkit
 
-    return qwenkit.load(tiny_hf_path, pull=False)
+    return float32_engine(qwenkit.load(tiny_hf_path, pull=False))
+
+
+def float32_engine(model):
+    """Start `model`'s engine with a float32 KV cache; return the model."""
+    import torch
+
+    model.start_engine(kv_dtype=torch.float32)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,14 @@ class ScriptedLM:
 
     def __call__(self, input_ids, cache=None, logits="all"):
         out = self.lm(input_ids, cache=cache, logits=logits)
-        if out.dim() == 3 and out.shape[1] == 0:
+        return out if logits == "none" else self._force(out)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (the engine's runner asks for them apart from the forward pass)."""
+        return self._force(self.lm.head(hidden))
+
+    def _force(self, out: torch.Tensor) -> torch.Tensor:
+        if out.shape[-2 if out.dim() == 3 else 0] == 0:
             return out
         forced = torch.full_like(out, -30.0)
         forced[..., self.script[min(self.step, len(self.script) - 1)]] = 30.0
@@ -34,4 +41,5 @@ def scripted(model, script: list[int]):
     """A shallow copy of a loaded Model whose network emits `script` (greedy) regardless of the prompt."""
     clone = copy.copy(model)
     clone.model = ScriptedLM(model.model, script)
+    clone._engine = None  # its own engine, over the scripted network, starts on first use
     return clone

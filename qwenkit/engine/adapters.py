@@ -27,10 +27,8 @@ from torch import nn
 
 from qwenkit._scoped import scoped
 from qwenkit.errors import BadCheckpoint, BadRequest
+from qwenkit.model.attention import Packed
 
-# target module name -> (the fused module that holds it, its part index in the fused output)
-FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 PREFIX = "base_model.model."
 
 _active = threading.local()
@@ -194,10 +192,9 @@ class AdapterSet:
             owner = self.model.get_submodule(parent)
         except AttributeError:
             raise BadCheckpoint(f"{weights}: {path} is not a module of this model") from None
-        fused = FUSED.get(leaf)
-        if fused is not None and getattr(owner, fused[0], None) is not None:
-            splits = owner.split if fused[0] == "qkv_proj" else (owner.gate_up_proj.out_features // 2,) * 2
-            return f"{parent}.{fused[0]}", fused[1], tuple(splits)
+        joined = owner.packed_part(leaf) if isinstance(owner, Packed) else None
+        if joined is not None:
+            return f"{parent}.{joined[0]}", joined[1], tuple(owner.split)
         target = getattr(owner, leaf, None)
         if target is None or not hasattr(target, "out_features"):
             raise BadCheckpoint(f"{weights}: {path} is not a projection of this model")

@@ -24,9 +24,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.engine.scheduler import EngineStats, Scheduler
 from qwenkit.errors import BadRequest, EngineStopped, Overloaded, QwenkitError
+from qwenkit.quant.linear import batch_invariant
 
 if TYPE_CHECKING:
     from qwenkit.engine.adapters import AdapterSet
@@ -42,17 +46,6 @@ class GenerationRequest:
     constraint: object | None = None  # a grammar.Constraint: only tokens it allows are sampled
     timeout: float | None = None  # seconds from submission; past it the stream raises RequestTimeout
     adapter: int = 0  # a LoRA adapter of the engine's AdapterSet (qwenkit.engine.adapters); 0 = the base model
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens whose keys and values were reused
-    preemptions: int = 0  # requests sent back to the queue because the block pool ran out
 
 
 _DONE = object()
@@ -86,6 +79,10 @@ class RequestStream:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 self.aborted = True
 
+    def close(self) -> None:
+        """The last Response was put: iteration ends after it."""
+        self.put(_DONE)
+
     # ---- called by the consumer ---------------------------------------------------------------------------------
     def abort(self) -> None:
         """Stop generating for this request; its blocks are freed at the engine's next step."""
@@ -115,6 +112,26 @@ class RequestStream:
             self.abort()
 
 
+PREFILL_CHUNK = 512  # rows per step: bounds a long prompt's activation memory and how long it holds up decoding
+KV_DTYPES = {"f16": torch.float16, "f32": torch.float32}
+
+
+def kv_dtype(name: str | None) -> torch.dtype | None:
+    """The KV dtype a flag or route file names (f16, f32); None for the engine's default."""
+    if name is None:
+        return None
+    if name not in KV_DTYPES:
+        raise BadRequest(f"kv dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return KV_DTYPES[name]
+
+
+def default_kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float16 keys and values for a float32 model, as llama.cpp keeps them on the CPU: half the memory and half
+    the bytes each decode step reads, for a rounding far below the weights' own quantization. A bf16 or fp16
+    model keeps its own dtype."""
+    return torch.float16 if model_dtype == torch.float32 else model_dtype
+
+
 class Engine:
     def __init__(
         self,
@@ -127,19 +144,17 @@ class Engine:
         block_size: int = 16,
         kv_blocks: int | None = None,
         prefill_chunk: int | None = None,
+        kv_dtype: torch.dtype | None = None,
         adapters: AdapterSet | None = None,
     ):
-        from qwenkit.engine.scheduler import Scheduler
-        from qwenkit.quant.linear import FUSED_MAX_ROWS
-
-        prefill_chunk = prefill_chunk or FUSED_MAX_ROWS  # rows per step (decode + prompt), see Scheduler._plan
-
-        self.model, self.tokenizer = model, tokenizer
+        prefill_chunk = prefill_chunk or PREFILL_CHUNK  # rows per step (decode + prompt), see Scheduler._plan
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_queue = max_queue
         self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.kv_dtype = kv_dtype or default_kv_dtype(model.dtype)
         self.scheduler = Scheduler(
             model, tokenizer, max_batch=max_batch, max_model_len=self.max_model_len, block_size=block_size,
-            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, adapters=adapters,
+            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, kv_dtype=self.kv_dtype, adapters=adapters,
         )
         self._incoming: queue.SimpleQueue[RequestStream] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -164,7 +179,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         if self._stopping:
             raise EngineStopped("the server is shutting down")
-        known = self.scheduler.adapters.names.values() if self.scheduler.adapters is not None else ()
+        known = self.adapters.names.values() if self.adapters is not None else ()
         if request.adapter and request.adapter not in known:  # else the base model would answer, unannounced
             raise BadRequest(f"no adapter with id {request.adapter} is loaded")
         with self._lock:
@@ -179,6 +194,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats(extra_waiting=self._incoming.qsize())
+
+    @property
+    def stopping(self) -> bool:
+        """Shut down, or shutting down: it takes no new requests."""
+        return self._stopping
 
     @property
     def idle(self) -> bool:
@@ -203,15 +223,23 @@ class Engine:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def step(self) -> None:
+        """One step in the calling thread, for an engine whose worker was not started: tools that drive it step by
+        step (the CPU benchmark's profile of one decode step)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine's worker thread is running it")
+        with torch.inference_mode(), batch_invariant():
+            self._take_incoming()
+            self.scheduler.step()
+
+    def _take_incoming(self) -> None:
+        while not self._incoming.empty():
+            self.scheduler.add(self._incoming.get())
+
     def _run(self) -> None:
-        import torch
-
-        from qwenkit.quant.linear import batch_invariant
-
         with torch.inference_mode(), batch_invariant():  # a request's tokens must not depend on its neighbours
             while not self._stopped:
-                while not self._incoming.empty():
-                    self.scheduler.add(self._incoming.get())
+                self._take_incoming()
                 if self.scheduler.idle:
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()

@@ -1,8 +1,9 @@
 """A paged KV cache: one pool of fixed-size blocks that every running sequence draws from, with prefix caching.
 
-Keys and values of layer l live in `k[l]`, `v[l]` of shape [num_blocks * block_size, kv_heads, head_dim]; a
-sequence owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`.
-Memory follows what sequences actually hold instead of max_batch x max_model_len.
+Keys and values of layer l live in `k[l]`, `v[l]` of shape [num_blocks * block_size, kv_heads, head_dim], by
+default float16 on the CPU, as llama.cpp keeps them (half the bytes to read per token; see kv_dtype). A sequence
+owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`. Memory
+follows what sequences actually hold instead of max_batch x max_model_len.
 
 Prefix caching: a block filled with tokens is registered under a hash of those tokens and of everything before them
 (the parent block's hash), so two requests that share a system prompt find its blocks already computed. A block
@@ -18,8 +19,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from qwenkit.kernels import attention as attention_kernels
+from qwenkit.kernels.attention import Slots
+from qwenkit.kernels.library import available
+from qwenkit.model.attention import Attention, causal_mask
 from qwenkit.model.config import ModelConfig
-from qwenkit.quant import native
 
 
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -31,10 +35,14 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 class BlockPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # Left uninitialised: a slot is read only after its sequence wrote it, and untouched pages cost no memory,
+        # so the pool's resident size follows the tokens actually held.
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.native = available()  # attention in the C kernels (qwenkit.kernels.attention) where they run
+        self.bytes_per_token = self.bytes_per_token_of(config, dtype)
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.cached: dict[bytes, int] = {}  # hash -> block holding those tokens
@@ -44,7 +52,7 @@ class BlockPool:
         self.hits = 0  # of which found
 
     @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    def bytes_per_token_of(config: ModelConfig, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
@@ -109,87 +117,66 @@ class BlockPool:
 
 
 class PagedBatch:
-    """One forward pass over the new tokens of several sequences, laid out flat: [1, N] token ids.
+    """The attention context of one forward pass over the new tokens of several sequences, laid out flat: [1, N]
+    token ids.
 
-    Each segment is (first row, rows, slots): its new tokens are rows [first, first + rows) of the flat batch, and
-    `slots` (a LongTensor) lists the pool slots of its whole context, the new tokens last. The model's attention
-    calls `attend` per layer; everything else (projections, MLP, norms) runs on all N rows at once, which is where
-    batching pays: the weights are read once per step for every sequence.
+    Each segment is (rows, slots): the next `rows` rows of the flat batch are its new tokens, and `slots` (a
+    LongTensor) lists the pool slots of its whole context in position order, the new tokens last. The model's
+    attention layers call `attend`; everything else (projections, MLP, norms) runs on all N rows at once, which is
+    where batching pays: the weights are read once per step for every sequence. Each row attends over its own
+    sequence's keys only, never padded to its neighbours' lengths, so its result is the same in any batch.
     """
 
-    paged = True
-
-    def __init__(self, pool: BlockPool, segments: list[tuple[int, int, torch.Tensor]], positions: torch.Tensor):
+    def __init__(self, pool: BlockPool, segments: list[tuple[int, torch.Tensor]], positions: torch.Tensor):
         self.pool = pool
         self.segments = segments
-        self.positions = positions  # [N] absolute position of each new token
-        self.write_slots = torch.cat([slots[-rows:] for _, rows, slots in segments])
-        self._contexts: dict[int | None, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        self.positions = positions[None]  # [1, N] absolute position of each new token
+        starts, lengths, offset = [], [], 0
+        for rows, slots in segments:
+            starts.append(torch.full((rows,), offset, dtype=torch.long))
+            lengths.append(torch.arange(slots.numel() - rows + 1, slots.numel() + 1))
+            offset += slots.numel()
+        self.slots = Slots(torch.cat([slots[-rows:] for rows, slots in segments]),
+                           torch.cat([slots for _, slots in segments]), torch.cat(starts), torch.cat(lengths))
 
-    def _context(self, window: int | None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Every segment's context slots in one index (one gather per layer instead of one per sequence), and each
-        segment's (offset, length) in it; with a sliding window, only the keys some new token can still see."""
-        if window not in self._contexts:
-            parts, spans, offset = [], [], 0
-            for _, rows, slots in self.segments:
-                if window is not None and slots.numel() > window + rows - 1:
-                    slots = slots[-(window + rows - 1) :]
-                parts.append(slots)
-                spans.append((offset, slots.numel()))
-                offset += slots.numel()
-            self._contexts[window] = (torch.cat(parts), spans)
-        return self._contexts[window]
-
-    def attend(self, layer: int, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [1, H, N, D], k and v [1, KV, N, D] of the new tokens -> attention output [1, N, H * D].
-
-        Each sequence attends over its own keys only, never padded to its neighbours' lengths, so its result is the
-        same in any batch."""
-        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
-        pool_k[self.write_slots] = k[0].transpose(0, 1).to(pool_k.dtype)
-        pool_v[self.write_slots] = v[0].transpose(0, 1).to(pool_v.dtype)
-        n_heads, n_kv = q.shape[1], k.shape[1]
-        slots, spans = self._context(window)
-        all_k = pool_k[slots].transpose(0, 1)  # [KV, L_total, D]
-        all_v = pool_v[slots].transpose(0, 1)
-        outs = []
-        for (first, rows, _), (offset, length) in zip(self.segments, spans):
-            ks = all_k[:, offset : offset + length].unsqueeze(0)  # [1, KV, L, D]
-            vs = all_v[:, offset : offset + length].unsqueeze(0)
-            qs = q[:, :, first : first + rows]
-            # The C kernel computes each row alone: a prompt token's result is then the same in a chunk of 40
-            # rows as after a prefix-cache hit, where it is computed alone (same seed, same text).
-            out = native.attend(qs, ks, vs, window) if native.available() else None
-            if out is None and rows == 1:
-                out = decode_attention(qs, ks, vs)
-            elif out is None:
-                out = F.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=_causal(rows, length, window), enable_gqa=n_kv != n_heads
-                )
-            outs.append(out)
+    def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """Raw projections of the new tokens (q [1, N, H * D], k and v [1, N, KV * D]) -> [1, N, H * D]: the rows'
+        keys and values are stored in the pool, then each row attends over its sequence's keys."""
+        pool_k, pool_v = self.pool.k[layer.layer], self.pool.v[layer.layer]
+        if self.pool.native and attention_kernels.takes(q, pool_k):
+            # q/k norms, RoPE, the cache write and attention in one C call, each row alone (the same math as below)
+            norms = (layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps) if layer.q_norm is not None else (
+                None, None, 0.0)
+            return attention_kernels.paged_attention(
+                q[0], k[0], v[0], layer.n_heads, layer.n_kv, *norms, cos[0, 0], sin[0, 0], pool_k, pool_v,
+                self.slots, layer.window)[None]
+        q, k, v = layer.heads(q, k, v, cos, sin)  # [1, H, N, D], [1, KV, N, D]
+        pool_k[self.slots.write] = k[0].transpose(0, 1).to(pool_k.dtype)
+        pool_v[self.slots.write] = v[0].transpose(0, 1).to(pool_v.dtype)
+        outs, first = [], 0
+        for rows, slots in self.segments:
+            length = slots.numel()
+            if layer.window is not None and length > layer.window + rows - 1:  # only keys some new row can see
+                slots = slots[-(layer.window + rows - 1):]
+            ks = pool_k[slots].transpose(0, 1)[None].to(q.dtype)  # [1, KV, L, D]
+            vs = pool_v[slots].transpose(0, 1)[None].to(q.dtype)
+            qs = q[:, :, first:first + rows]
+            if rows == 1:
+                outs.append(_one_row(qs, ks, vs))
+            else:
+                positions = torch.arange(length - slots.numel(), length)
+                mask = causal_mask(positions[-rows:, None], positions[None, :], layer.window)
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
+                                                           enable_gqa=layer.n_kv != layer.n_heads))
+            first += rows
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, H, N, D]
-        return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+        return out.transpose(1, 2).reshape(1, first, -1)
 
 
-def _causal(rows: int, length: int, window: int | None) -> torch.Tensor:
-    """[rows, length] True where new token i (at position length - rows + i) may see key j."""
-    q_pos = torch.arange(length - rows, length)[:, None]
-    k_pos = torch.arange(length)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= q_pos - k_pos < window
-    return allowed
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token over the cache, as two small matmuls: for a single query, SDPA's flash kernel
-    costs more in set-up than the work itself. q [B, H, 1, D]; k, v [B, KV, L, D] (grouped-query heads).
-    Where the CPU kernels are built (qwenkit.quant.native), one fused pass over the cache instead."""
-    if native.available():
-        out = native.attend(q, k, v)
-        if out is not None:
-            return out
-    k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache: no copy when the dtypes agree
+def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token over its context, as two small matmuls: for a single query, SDPA's flash kernel
+    costs more in set-up than the work itself. q [1, H, 1, D]; k, v [1, KV, L, D] (grouped-query heads)."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, kv, h // kv, d)  # the query heads that share each key/value head

@@ -6,7 +6,8 @@ Every step:
    first: blocks another request already computed are shared, not recomputed);
 3. one forward pass runs the next token of every decoding request plus prompt chunks of joining ones, up to
    `prefill_chunk` rows in all, so a long prompt is spread over several steps and never stalls the others long;
-4. each request whose pass produced a next-token distribution samples, streams its Response, and leaves when done.
+4. each request whose pass produced a next-token distribution samples (the ModelRunner runs the pass and the
+   samplers, qwenkit.engine.runner), streams its Response, and leaves when done.
 When decoding needs a block and none is left, the youngest request is preempted: its blocks are freed and it waits
 at the head of the queue to recompute its context later (its sampler and text state are kept, so no output is lost).
 Requests may use different LoRA adapters in one step: each flat row carries its request's adapter id, and the
@@ -15,18 +16,20 @@ prefix cache keeps each adapter's blocks apart (the same tokens have other keys 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from qwenkit.engine.output import OutputProcessor
-from qwenkit.engine.paged import BlockPool, PagedBatch, block_hash
-from qwenkit.engine.sampling import Sampler
+from qwenkit.engine.paged import BlockPool, block_hash
+from qwenkit.engine.runner import ModelRunner
+from qwenkit.engine.sampling import Sampler, TokenLogprob
 from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
+from qwenkit.memory import peak_rss_bytes
 
 if TYPE_CHECKING:
     from qwenkit.engine.adapters import AdapterSet
@@ -35,6 +38,18 @@ log = logging.getLogger("qwenkit.engine")
 
 KV_CACHE_BYTES = 1 << 30  # default pool size when kv_blocks is not given
 MIN_PREFILL_ROWS = 16
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens whose keys and values were reused
+    preemptions: int = 0  # requests sent back to the queue because the block pool ran out
+    kv_bytes_per_token: int = 0  # keys and values of one token over all layers, in the pool's dtype
 
 
 class Sequence:
@@ -65,16 +80,17 @@ class Sequence:
 class Scheduler:
     def __init__(
         self, model, tokenizer, *, max_batch: int, max_model_len: int, block_size: int, kv_blocks: int | None,
-        prefill_chunk: int, adapters: AdapterSet | None = None,
+        prefill_chunk: int, kv_dtype: torch.dtype, adapters: AdapterSet | None = None,
     ):
-        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk
         self.block_size = block_size
         if kv_blocks is None:
-            per_token = BlockPool.bytes_per_token(model.config, model.dtype)
+            per_token = BlockPool.bytes_per_token_of(model.config, kv_dtype)
             tokens = min(max_batch * max_model_len, max(KV_CACHE_BYTES // per_token, max_model_len))
             kv_blocks = -(-tokens // block_size)
-        self.pool = BlockPool(model.config, kv_blocks, block_size, model.dtype)
+        self.pool = BlockPool(model.config, kv_blocks, block_size, kv_dtype)
+        self.runner = ModelRunner(model, self.pool, adapters)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -101,13 +117,12 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def stats(self, extra_waiting: int = 0):
-        from qwenkit.engine.engine import EngineStats
-
+    def stats(self, extra_waiting: int = 0) -> EngineStats:
         return EngineStats(
             running=len(self.running), waiting=len(self.waiting) + extra_waiting, kv_blocks_used=self.pool.used,
             kv_blocks_total=self.pool.num_blocks, prefix_cache_queries=self.pool.queries,
             prefix_cache_hits=self.pool.hits, preemptions=self.preemptions,
+            kv_bytes_per_token=self.pool.bytes_per_token,
         )
 
     def fail_all(self, error: QwenkitError) -> None:
@@ -131,7 +146,13 @@ class Scheduler:
         if not plan:
             return
         try:
-            self._run(plan)
+            sampled = self.runner.run(plan)
+            for seq, first, end in plan:
+                seq.computed = end
+                self._register_full_blocks(seq)
+            now = time.monotonic()
+            for seq, token, logprob in sampled:
+                self._append(seq, token, logprob, now)
         except Exception as e:  # a bug must not take the server down: fail the requests in this batch
             log.exception("engine step failed")
             for seq, _, _ in plan:
@@ -176,9 +197,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq.pending == 1 and seq in self.running and self._ensure_block(seq):
                 plan.append((seq, seq.computed, seq.computed + 1))
-        # Decode rows and prompt rows share one forward pass of at most prefill_chunk rows (FUSED_MAX_ROWS by
-        # default: up to there the quantized kernels compute every row alone, so batching changes no result); a
-        # joining prompt always gets some rows, so it cannot starve behind a full batch of decoders.
+        # Decode rows and prompt rows share one forward pass of at most prefill_chunk rows (each kind on its own
+        # kernels: see qwenkit.engine.runner); a joining prompt always gets some rows, so it cannot starve behind
+        # a full batch of decoders.
         budget = max(self.prefill_chunk - len(plan), min(MIN_PREFILL_ROWS, self.prefill_chunk))
         for seq in self.running:
             if seq.pending > 1 and budget > 0:
@@ -205,33 +226,6 @@ class Scheduler:
         self._drop(seq)
         self.waiting.appendleft(seq)
 
-    def _run(self, plan: list[tuple[Sequence, int, int]]) -> None:
-        bs = self.block_size
-        segments, positions, ids, sample_rows, samplers, adapters = [], [], [], [], [], []
-        row = 0
-        for seq, first, end in plan:
-            adapters += [seq.adapter] * (end - first)
-            table = torch.tensor(seq.blocks, dtype=torch.long)
-            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
-            segments.append((row, end - first, slots))
-            positions.append(torch.arange(first, end))
-            ids.extend(seq.tokens[first:end])
-            row += end - first
-            if end == len(seq.tokens):
-                sample_rows.append(row - 1)
-                samplers.append(seq)
-        batch = PagedBatch(self.pool, segments, torch.cat(positions))
-        rows = self.adapters.rows(torch.tensor(adapters)) if self.adapters is not None else contextlib.nullcontext()
-        with rows:
-            logits = self.model(torch.tensor([ids]), cache=batch,
-                                logits=torch.tensor(sample_rows, dtype=torch.long))[0]
-        for seq, first, end in plan:
-            seq.computed = end
-            self._register_full_blocks(seq)
-        now = time.monotonic()
-        for seq, row_logits in zip(samplers, logits):
-            self._sample(seq, row_logits, now)
-
     def _register_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         while (len(seq.hashes) + 1) * bs <= seq.computed:
@@ -240,8 +234,7 @@ class Scheduler:
             self.pool.register(seq.blocks[i], h)
             seq.hashes.append(h)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
-        token, logprob = seq.sampler(logits)
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if not seq.first_token_at:
             seq.first_token_at = now
         seq.last_token_at = now
@@ -253,9 +246,8 @@ class Scheduler:
             self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
-        from qwenkit.engine.engine import _DONE
-
         last = seq.output.finish(seq.stream.submitted, seq.first_token_at, seq.last_token_at)
+        last.peak_memory_gb = peak_rss_bytes() / 2**30
         self._drop(seq)
         seq.stream.put(last)
-        seq.stream.put(_DONE)
+        seq.stream.close()

@@ -8,7 +8,7 @@
 - int4: every linear weight as int4 in groups of 32 (exact for 4-bit types; others re-quantized, with some loss).
 - none: fp32 (or the requested dtype) everywhere: the reference path.
 
-The int8 layout follows the CPU (qwenkit.quant.cpu): where a fused int8 kernel exists (native bf16, or fbgemm on
+The int8 layout follows the CPU (qwenkit.kernels.cpu): where a fused int8 kernel exists (native bf16, or fbgemm on
 x86), one scale per row (5- to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept exactly in
 groups (Q8_0/Q5_x/Q6_K map one to one) for our compiled fp32 kernel.
 
@@ -26,9 +26,10 @@ from torch import nn
 
 from qwenkit.checkpoint import quants
 from qwenkit.errors import BadCheckpoint, BadRequest
-from qwenkit.quant import native
+from qwenkit.kernels import blocks as block_kernels
+from qwenkit.kernels.cpu import per_row_int8
+from qwenkit.kernels.library import available
 from qwenkit.quant.blocks import BlockLinear, BlockWeight, joined_bias
-from qwenkit.quant.cpu import per_row_int8
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
 from qwenkit.quant.fuse import _as_int8, concat_rows
@@ -62,7 +63,7 @@ def _int4(weight: torch.Tensor) -> Int4Grouped:
 def gguf_format(gguf, name: str, mode: str) -> BlockWeight | Int8Grouped | Int4Grouped | None:
     """The compact form of GGUF tensor `name` under `mode`, or None to keep it in float."""
     t = gguf.tensors[name]
-    if mode == "auto" and len(t.shape) == 2 and native.supports(t.qtype) and native.available():
+    if mode == "auto" and len(t.shape) == 2 and block_kernels.supports(t.qtype) and available():
         n, k = t.shape
         blocks = torch.from_numpy(np.array(gguf.raw(name), dtype=np.uint8).reshape(n, -1))  # a copy: the map goes
         return BlockWeight(blocks, int(t.qtype), (n, k))
@@ -138,16 +139,10 @@ def _linear(fmt, bias: torch.Tensor | None = None) -> QuantLinear | BlockLinear:
 
 
 def fuse(model) -> None:
-    """q/k/v and gate/up of quantized layers into single projections: fewer, larger matrix-vector products.
-    Layers of one kind are joined (block layers with block layers, grouped with grouped); a mix stays apart."""
-    for module in model.modules():
-        for names, fused in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
-            layers = [getattr(module, n, None) for n in names]
-            joined = _joined_layer(layers)
-            if joined is not None:
-                setattr(module, fused, joined)
-                for n in names:
-                    setattr(module, n, None)
+    """The projections the model declares as packed (q/k/v, gate/up) as single ones where they are quantized:
+    fewer, larger matrix-vector products. Layers of one kind are joined (block layers with block layers, grouped
+    with grouped); a mix stays apart."""
+    model.pack_projections(_joined_layer)
 
 
 def _joined_layer(layers: list) -> QuantLinear | BlockLinear | None:

@@ -2,7 +2,7 @@
 
 The file's bytes are the weight: loading copies them and converts nothing, memory holds what the file holds, and
 a decode step reads as many weight bytes as llama.cpp. Up to FUSED_MAX_ROWS activation rows run on the block
-kernels of qwenkit.quant.native (each row computed on its own: batch invariant by construction); longer prompt
+kernels of qwenkit.kernels.blocks (each row computed on its own: batch invariant by construction); longer prompt
 chunks dequantize the weight once per call, bf16 where the CPU has it, and use the regular matrix kernel.
 
 A layer may hold several parts of different block types stacked by rows: fused q/k/v or gate/up projections whose
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.checkpoint.quants import GGMLType
-from qwenkit.quant import native
-from qwenkit.quant.cpu import native_bf16
-from qwenkit.quant.linear import FUSED_MAX_ROWS
+from qwenkit.kernels import blocks as block_kernels
+from qwenkit.kernels.cpu import native_bf16
+from qwenkit.quant.linear import FUSED_MAX_ROWS, rows_then_matrix
 
 
 @dataclass
@@ -33,10 +33,10 @@ class BlockWeight:
 
     def __post_init__(self) -> None:
         n, k = self.shape
-        if not native.supports(self.qtype):
+        if not block_kernels.supports(self.qtype):
             raise ValueError(f"BlockWeight: ggml type {self.qtype} has no block kernel")
-        per_block = native.BLOCKS[int(self.qtype)][0]
-        want = (n, native.row_bytes(self.qtype, k))
+        per_block = block_kernels.BLOCKS[int(self.qtype)][0]
+        want = (n, block_kernels.row_bytes(self.qtype, k))
         if k % per_block or self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != want \
                 or not self.blocks.is_contiguous():
             raise ValueError(f"BlockWeight: {GGMLType(self.qtype).name} [{n}, {k}] needs contiguous uint8 "
@@ -65,7 +65,7 @@ class BlockLinear(nn.Module):
         super().__init__()
         # The kernel's own parts: Q4_0/Q5_0/Q8_0 rows interleaved by 8 (the same bytes, another order)
         in_features = _one_width({p.shape[1] for p in parts})
-        kernel_parts = [kp for p in parts for kp in native.interleave(p.blocks, p.qtype, in_features)]
+        kernel_parts = [kp for p in parts for kp in block_kernels.interleave(p.blocks, p.qtype, in_features)]
         self._install(kernel_parts, in_features, [p.type_name for p in parts], bias)
 
     def _install(self, kernel_parts: list[tuple[torch.Tensor, int]], in_features: int, type_names: list[str],
@@ -78,7 +78,7 @@ class BlockLinear(nn.Module):
         self.kind = "+".join(dict.fromkeys(type_names))  # what benchmarks and repr report
         self.bf16 = native_bf16()
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._kernel: tuple[tuple[int, ...], native.Parts] | None = None
+        self._kernel: tuple[tuple[int, ...], block_kernels.Parts] | None = None
 
     def _blocks(self) -> list[tuple[torch.Tensor, int]]:
         return [(getattr(self, f"blocks{i}"), t) for i, t in enumerate(self.kernel_types)]
@@ -86,7 +86,7 @@ class BlockLinear(nn.Module):
     @property
     def parts(self) -> list[BlockWeight]:
         """The weight as GGUF tensors (row order kept; consecutive pieces of one type are one part again)."""
-        pieces = [(native.plain(b, t, self.in_features), t & ~native.X8) for b, t in self._blocks()]
+        pieces = [(block_kernels.plain(b, t, self.in_features), t & ~block_kernels.X8) for b, t in self._blocks()]
         merged: list[tuple[list[torch.Tensor], int]] = []
         for b, t in pieces:
             if merged and merged[-1][1] == t:
@@ -114,17 +114,17 @@ class BlockLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())
 
-    def _parts(self) -> native.Parts:
+    def _parts(self) -> block_kernels.Parts:
         # The kernel holds raw pointers: rebuilt whenever a buffer was replaced (load_state_dict, .to(...)).
         # Read through _buffers, not getattr: this runs for every matmul of every decode step.
         ptrs = tuple(b.data_ptr() for b in self._buffers.values())
         if self._kernel is None or self._kernel[0] != ptrs:
             blocks = self._blocks()
             for b, t in blocks:
-                want = (int(b.shape[0]), native.row_bytes(t, self.in_features))
+                want = (int(b.shape[0]), block_kernels.row_bytes(t, self.in_features))
                 if b.dtype != torch.uint8 or tuple(b.shape) != want or not b.is_contiguous():
                     raise ValueError(f"BlockLinear: a weight buffer was replaced by {b.dtype} {list(b.shape)}")
-            self._kernel = (ptrs, native.Parts(blocks))
+            self._kernel = (ptrs, block_kernels.Parts(blocks))
         return self._kernel[1]
 
     # ---- the weight in other forms -----------------------------------------------------------------------------
@@ -136,14 +136,14 @@ class BlockLinear(nn.Module):
         out = torch.empty((self.out_features, self.in_features), dtype=kernel_dtype)
         start = 0
         for b, t in self._blocks():
-            native.dequantize(b, t, self.in_features, kernel_dtype, out=out[start:start + b.shape[0]])
+            block_kernels.dequantize(b, t, self.in_features, kernel_dtype, out=out[start:start + b.shape[0]])
             start += b.shape[0]
         return out.to(dtype)
 
     def _rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         blocks = self._blocks()
         if len(blocks) == 1:
-            return native.dequantize(blocks[0][0], blocks[0][1], self.in_features, dtype, ids=ids)
+            return block_kernels.dequantize(blocks[0][0], blocks[0][1], self.in_features, dtype, ids=ids)
         if ((ids < 0) | (ids >= self.out_features)).any():
             raise ValueError(f"row ids must be in [0, {self.out_features})")
         out = torch.empty((ids.numel(), self.in_features), dtype=dtype)
@@ -151,7 +151,7 @@ class BlockLinear(nn.Module):
         for b, t in blocks:
             inside = (ids >= start) & (ids < start + b.shape[0])
             if inside.any():
-                out[inside] = native.dequantize(b, t, self.in_features, dtype, ids=ids[inside] - start)
+                out[inside] = block_kernels.dequantize(b, t, self.in_features, dtype, ids=ids[inside] - start)
             start += b.shape[0]
         return out
 
@@ -162,20 +162,19 @@ class BlockLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= FUSED_MAX_ROWS:
-            y = self._parts().matmul(x2 if x2.dtype == torch.float32 and x2.is_contiguous() else
-                                     x2.to(torch.float32).contiguous())
-            if self.bias is not None:
-                y += self.bias
-            if x.dtype != torch.float32:
-                y = y.to(x.dtype)
-        else:
-            dtype = torch.bfloat16 if self.bf16 else torch.float32
-            y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
+        y = rows_then_matrix(x.reshape(-1, self.in_features), FUSED_MAX_ROWS, self._row_kernel, self._matrix_kernel)
+        if self.bias is not None:
+            y += self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def _row_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        y = self._parts().matmul(x2 if x2.dtype == torch.float32 and x2.is_contiguous() else
+                                 x2.to(torch.float32).contiguous())
+        return y if x2.dtype == torch.float32 else y.to(x2.dtype)
+
+    def _matrix_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, GGUF {self.kind} blocks, bias={self.bias is not None}"

@@ -1,6 +1,6 @@
 """Linear and embedding layers over the compact weight formats (Int8Grouped, Int4Grouped).
 
-Which kernel runs depends on the format, the CPU (see qwenkit.quant.cpu) and the number of activation rows:
+Which kernel runs depends on the format, the CPU (see qwenkit.kernels.cpu) and the number of activation rows:
 - few rows (decode; up to GEMV_MAX_ROWS, or FUSED_MAX_ROWS for the fused kernels and for the serving engine):
   - int8 with one scale per row, on x86: fbgemm's dynamic int8 linear on its own packed copy of the weight (42-52
     ms per decode step of the default model against 57-75 ms with the next choice, for ~0.5 GB more memory).
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit._scoped import scoped
+from qwenkit.kernels.cpu import has_fbgemm, native_bf16, vnni
 from qwenkit.quant import kernels, tinygemm
-from qwenkit.quant.cpu import has_fbgemm, native_bf16, vnni
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 
 GEMV_MAX_ROWS = 4  # up to this many activation rows, our compiled kernels read the packed weights directly
@@ -36,7 +36,36 @@ GEMV_MAX_ROWS = 4  # up to this many activation rows, our compiled kernels read 
 FUSED_MAX_ROWS = 64
 
 
+# PyTorch's fp32 matrix kernel takes other code paths below this many rows, whose results differ in the last bits:
+# prompt rows are padded to it, so a prompt token's numbers do not depend on how many share its chunk.
+MIN_MATRIX_ROWS = 16
+
 _mode = threading.local()
+
+
+def decode_rows(n: int) -> contextlib.AbstractContextManager[None]:
+    """Within this block (in this thread), the first n activation rows of every quantized layer call are tokens
+    the model generated (decode steps, and a preempted request's answer recomputed) and run on the row kernels,
+    each row alone; the rest are prompt tokens and run on the dequantized weight and the matrix kernel. So every
+    token takes the same kernel whatever it is batched or chunked with: the serving engine's batch invariance, with
+    prompt chunks of any length at the matrix kernel's speed."""
+    return scoped(_mode, "decode_rows", n)
+
+
+def rows_then_matrix(x: torch.Tensor, row_limit: int, rows, matrix) -> torch.Tensor:
+    """x [M, K] -> [M, N]: the leading rows through `rows` and the others through `matrix` (padded to
+    MIN_MATRIX_ROWS). Inside decode_rows(n) the split is n; elsewhere every row takes `rows` when M <= row_limit."""
+    split = getattr(_mode, "decode_rows", None)
+    m = x.shape[0]
+    if split is None:
+        split = m if m <= row_limit else 0
+    if split >= m:
+        return rows(x)
+    prompt = x[split:]
+    if prompt.shape[0] < MIN_MATRIX_ROWS:
+        prompt = torch.cat([prompt, prompt.new_zeros(MIN_MATRIX_ROWS - prompt.shape[0], x.shape[1])])
+    y = matrix(prompt)[: m - split]
+    return torch.cat([rows(x[:split]), y]) if split else y
 
 
 def batch_invariant() -> contextlib.AbstractContextManager[None]:
@@ -120,33 +149,38 @@ class QuantLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
         invariant = batch_invariant_enabled()
         if self.packed is not None:
             fast_rows = FUSED_MAX_ROWS if invariant else GEMV_MAX_ROWS
         else:
             fast_rows = FUSED_MAX_ROWS if self.fused_kernel else GEMV_MAX_ROWS
-        if rows > fast_rows:
-            dtype = torch.bfloat16 if self.bf16 else torch.float32
-            y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x.dtype)
-        elif self.packed is not None and invariant:
-            y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums).to(x.dtype)
-        elif self.packed is not None:
-            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not vnni()).to(x.dtype)
-        elif self.fused_kernel and self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.data, self.kernel_scale)
-            y = y.to(x.dtype) * self.scale[:, 0]
-        elif self.fused_kernel:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.kernel_scale
-            ).to(x.dtype)
-        else:
-            fn = kernels.gemv_int8 if self.kind == "int8" else kernels.gemv_int4
-            y = kernels.run(fn, x2.float().contiguous(), self.data, self.scale, self.offset).to(x.dtype)
+        y = rows_then_matrix(x.reshape(-1, self.in_features), fast_rows, self._row_kernel, self._matrix_kernel)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def _matrix_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
+
+    def _row_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        """Few rows, on the kernels that read the compact weight."""
+        invariant = batch_invariant_enabled()
+        if self.packed is not None and invariant:
+            y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums).to(x2.dtype)
+        elif self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not vnni()).to(x2.dtype)
+        elif self.fused_kernel and self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.data, self.kernel_scale)
+            y = y.to(x2.dtype) * self.scale[:, 0]
+        elif self.fused_kernel:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.kernel_scale
+            ).to(x2.dtype)
+        else:
+            fn = kernels.gemv_int8 if self.kind == "int8" else kernels.gemv_int4
+            y = kernels.run(fn, x2.float().contiguous(), self.data, self.scale, self.offset).to(x2.dtype)
+        return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows `ids` in fp32 (an embedding lookup when this layer is a tied head)."""

@@ -32,6 +32,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("qwenkit_requests_waiting", "Requests queued for the batch", value=s.waiting)
         yield GaugeMetricFamily("qwenkit_kv_blocks_used", "KV cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily("qwenkit_kv_blocks_total", "KV cache blocks in the pool", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("qwenkit_kv_bytes_per_token", "KV cache bytes per token (keys and values of every "
+                                "layer, in the cache's dtype)", value=s.kv_bytes_per_token)
         yield CounterMetricFamily(
             "qwenkit_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=s.prefix_cache_queries
         )

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from qwenkit.engine.engine import Engine, kv_dtype
 from qwenkit.errors import BadConfig, QwenkitError
 
 log = logging.getLogger("qwenkit.serve")
@@ -33,6 +34,7 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     drain_timeout: float = 300.0  # seconds SIGTERM waits for in-flight requests
     lora: dict[str, str] = field(default_factory=dict)  # adapter name (a `model` clients may ask for) -> folder
+    kv_dtype: str | None = None  # "f16" or "f32"; None: the engine's default (f16 for a float32 model)
 
     @property
     def name(self) -> str:
@@ -78,8 +80,6 @@ class ModelService:
         self._thread.start()
 
     def _start(self, model) -> None:
-        from qwenkit.engine.engine import Engine
-
         limit = self.config.max_model_len
         if limit is not None:
             # Budgets (max_tokens defaults, context_length_exceeded) are computed against what the engine allows.
@@ -92,8 +92,11 @@ class ModelService:
             for name, folder in self.config.lora.items():
                 adapters.add(name, folder)
                 log.info("adapter %s loaded from %s", name, folder)
+        # An engine of the server's own (the same kind as the model's, with the server's options): another server
+        # or the Python API over the same loaded model keeps its own.
         engine = Engine(model.model, model.tokenizer, max_batch=self.config.max_batch,
-                        max_queue=self.config.max_queue, max_model_len=model.context_length, adapters=adapters)
+                        max_queue=self.config.max_queue, max_model_len=model.context_length,
+                        kv_dtype=kv_dtype(self.config.kv_dtype), adapters=adapters)
         engine.start()
         self.model, self.engine, self.adapters = model, engine, adapters
         try:  # now rather than on the first JSON or tool_choice request, which would wait for it

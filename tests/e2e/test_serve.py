@@ -298,10 +298,10 @@ def test_stop_string_ends_the_answer(client):
 @pytest.mark.parametrize("prompt", ["Write a word.", "Summarise in one word: " + "the river runs to the sea, " * 12])
 def test_same_seed_same_text(server, client, prompt):
     """The second request finds its prompt in the prefix cache and computes only the last token anew; that token
-    must come out exactly as in the cold prefill (chunked, 64 rows at most), or a seeded sample can flip."""
-    from qwenkit.quant import native
+    must come out exactly as in the cold prefill (in one chunk), or a seeded sample can flip."""
+    from qwenkit.kernels.library import available
 
-    if not native.available():
+    if not available():
         pytest.skip("rows are computed alone only by qwenkit's CPU kernels (built with a C compiler, AVX512-VNNI)")
     kw = dict(model=NAME, messages=[{"role": "user", "content": prompt}], temperature=0.8, seed=1234, max_tokens=8,
               logprobs=True)
@@ -311,6 +311,12 @@ def test_same_seed_same_text(server, client, prompt):
     assert server.metrics()["qwenkit_prefix_cache_hits_total"] > hits
     assert first.message.content == second.message.content and first.message.content
     assert [t.logprob for t in first.logprobs.content] == [t.logprob for t in second.logprobs.content]
+
+
+def test_kv_cache_keeps_float16_and_metrics_say_so(server):
+    """The default model (24 layers, 2 key/value heads of 64): float16 keys and values, 12 KiB a token, half of
+    what a float32 cache holds."""
+    assert server.metrics()["qwenkit_kv_bytes_per_token"] == 2 * 24 * 2 * 64 * 2
 
 
 def test_logprobs(client):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwenkit.checkpoint.loader import load_weights
-from qwenkit.engine.cache import KVCache
+from tests.paged_steps import PagedSequence
 from tests.tiny_models import TINY_CONFIGS, save_transformers_model
 
 pytestmark = pytest.mark.peer
@@ -49,11 +49,13 @@ def test_greedy_tokens_through_kv_cache_match_transformers(pair):
         expected = reference.generate(
             ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS, pad_token_id=0
         )[0, PROMPT_LEN:].tolist()
-        cache = KVCache(ours.config, 1, PROMPT_LEN + NEW_TOKENS, torch.float32)
-        logits = ours(ids, cache=cache, logits="last")
+        # The engine's paged cache, float32 as the reference keeps it, its slots in reverse order
+        sequence = PagedSequence(ours, PROMPT_LEN + NEW_TOKENS, torch.float32,
+                                 slots=torch.arange(PROMPT_LEN + NEW_TOKENS).flip(0))
+        logits = sequence(ids[0].tolist())
         got = []
         for _ in range(NEW_TOKENS):
             token = int(logits.argmax(-1))
             got.append(token)
-            logits = ours(torch.tensor([[token]]), cache=cache, logits="last")
+            logits = sequence([token], generated=True)
     assert got == expected

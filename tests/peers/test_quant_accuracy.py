@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.paged_steps import PagedSequence
+
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
 PROMPTS = [
@@ -50,34 +52,28 @@ def reference(default_gguf):
 
 
 def greedy_agreement(model, sequences) -> float:
-    from qwenkit.engine.cache import KVCache
-
     agree = total = 0
     for prompt_ids, answer in sequences:
-        cache = KVCache.for_model(model.model, 1, len(prompt_ids) + len(answer))  # as generation runs
-        with torch.inference_mode():
-            logits = model.model(torch.tensor([prompt_ids]), cache=cache, logits="last")
-            for token in answer:
-                agree += int(logits.argmax(-1)) == token
-                total += 1
-                logits = model.model(torch.tensor([[token]]), cache=cache, logits="last")
+        sequence = PagedSequence(model.model, len(prompt_ids) + len(answer))  # as generation runs
+        logits = sequence(prompt_ids)
+        for token in answer:
+            agree += int(logits.argmax(-1)) == token
+            total += 1
+            logits = sequence([token], generated=True)
     return agree / total
 
 
 def perplexity(model, chunk: int = 512) -> float:
-    from qwenkit.engine.cache import KVCache
-
-    ids = torch.tensor([model.tokenizer.encode(TEXT.read_text(encoding="utf-8"))])
-    cache = KVCache.for_model(model.model, 1, ids.shape[1])
+    ids = model.tokenizer.encode(TEXT.read_text(encoding="utf-8"))
+    sequence = PagedSequence(model.model, len(ids))
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.shape[1] - 1, chunk):
-            piece = ids[:, start : start + chunk]
-            logits = model.model(piece, cache=cache)
-            targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
-            logprobs = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
-            nll -= logprobs.gather(1, targets[:, None]).sum().item()
-            count += len(targets)
+    for start in range(0, len(ids) - 1, chunk):
+        piece = ids[start : start + chunk]
+        logits = sequence(piece, logits="all")
+        targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)])
+        logprobs = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
+        nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        count += len(targets)
     return math.exp(nll / count)
 
 

@@ -2,7 +2,8 @@
 
 What is checked: requests batched together, joining mid-flight, prefilled in chunks over several steps, sharing
 prefix-cached blocks, or preempted when the block pool runs out, produce exactly the tokens each one produces
-alone through the single-request loop; aborts and timeouts free every block; a full queue refuses; shutdown drains.
+alone (a batch of one, its prompt in one pass); aborts and timeouts free every block; a full queue refuses;
+shutdown drains.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import pytest
 
 from qwenkit.engine.engine import Engine, GenerationRequest
-from qwenkit.engine.generate import stream_responses
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import EngineStopped, Overloaded, RequestTimeout
 from tests.tiny_checkpoint import tiny_model
@@ -34,11 +34,10 @@ def tok(tiny_model):
 
 
 def alone(model, tok, prompt_ids, max_new, params=None) -> list[int]:
-    """The single-request loop over a contiguous KV cache: the reference."""
-    out = []
-    for step in stream_responses(model, tok, prompt_ids, params or SamplingParams(temperature=0), max_new, set()):
-        out += step.tokens
-    return out
+    """The reference: the request by itself, in an engine of one slot that takes its whole prompt in one pass."""
+    with Engine(model, tok, max_batch=1, prefill_chunk=4096) as engine:
+        request = GenerationRequest(prompt_ids, params or SamplingParams(temperature=0), max_new)
+        return run_all(engine, [request])[0]
 
 
 def run_all(engine, requests) -> list[list[int]]:

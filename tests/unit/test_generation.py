@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import qwenkit
-from qwenkit.engine import generate as generate_mod
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import Sampler, SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
+from tests.fixtures_tiny import float32_engine
 from tests.scripted import ScriptedLM, scripted
 
 PROMPT = "Hello, world! The quick brown fox"
@@ -100,10 +100,21 @@ def test_greedy_equals_uncached_argmax_and_prefill_runs_once(tiny_model):
     assert log.calls[0] == (len(prompt_ids), True)
     assert all(c == (1, True) for c in log.calls[1:]), log.calls
     assert len(log.calls) - 1 == N - 1, f"{len(log.calls) - 1} decode forwards for {N} tokens (the last is wasted)"
-    # Cached logits equal uncached ones: the reported logprobs are the raw distribution at each step.
+    # Cached logits equal uncached ones: the reported logprobs are the raw distribution at each step (the fixture's
+    # engine keeps a float32 cache) ...
     for lp, row, tok in zip(r.logprobs, rows, expected):
         assert lp.token == tok
         assert lp.logprob == pytest.approx(float(row[tok]), abs=1e-4)
+    # ... and, with the default float16 cache, within its rounding of keys and values (2^-11 relative each, grown
+    # over 16 steps of this random model).
+    m.start_engine()
+    try:
+        half = m.generate(PROMPT, temperature=0, max_tokens=N, logprobs=True)
+    finally:
+        float32_engine(m)
+    assert half.tokens == expected
+    for lp, row, tok in zip(half.logprobs, rows, expected):
+        assert lp.logprob == pytest.approx(float(row[tok]), abs=1e-2)
 
 
 def test_greedy_is_deterministic_and_hf_gguf_agree(tiny_model, tiny_gguf_path):
@@ -115,13 +126,16 @@ def test_greedy_is_deterministic_and_hf_gguf_agree(tiny_model, tiny_gguf_path):
     assert c.tokens == a.tokens and c.text == a.text
 
 
-def test_chunked_prefill_matches(tiny_model, monkeypatch):
+def test_chunked_prefill_matches(tiny_model):
     prompt = "def add(a, b):\n    return a + b\n"
     full = tiny_model.generate(prompt, temperature=0, max_tokens=8)
-    monkeypatch.setattr(generate_mod, "PREFILL_CHUNK", 3)
     n_prompt = len(tiny_model.tokenizer.encode(prompt))
-    with ForwardLog(tiny_model.model) as log:
-        chunked = tiny_model.generate(prompt, temperature=0, max_tokens=8)
+    tiny_model.start_engine(prefill_chunk=3, kv_dtype=torch.float32)
+    try:
+        with ForwardLog(tiny_model.model) as log:
+            chunked = tiny_model.generate(prompt, temperature=0, max_tokens=8)
+    finally:
+        float32_engine(tiny_model)
     assert chunked.tokens == full.tokens
     prefill = [t for t, _ in log.calls[: math.ceil(n_prompt / 3)]]
     assert sum(prefill) == n_prompt and max(prefill) == 3

@@ -251,7 +251,7 @@ def test_thinking_reasoning_first_then_the_constrained_part():
 
 
 def generate(model, compiler, messages, constraint, tools=None):
-    from qwenkit.engine.generate import stream_responses
+    from qwenkit.engine.engine import GenerationRequest
     from qwenkit.engine.response import Response
     from qwenkit.engine.sampling import SamplingParams
     from qwenkit.text.stream import StreamParser
@@ -260,9 +260,8 @@ def generate(model, compiler, messages, constraint, tools=None):
     params = SamplingParams(temperature=0)
     parser = StreamParser(model.tokenizer, seed=0)
     total = Response()
-    for step in stream_responses(
-        model.model, model.tokenizer, prompt_ids, params, 80, model.stop_token_ids, parser, constraint
-    ):
+    request = GenerationRequest(prompt_ids, params, 80, model.stop_token_ids, parser, constraint)
+    for step in model.stream(request):
         total.merge(step)
     return total
 

@@ -28,6 +28,8 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def make_client(model, **config) -> TestClient:
+    """A server over `model` (its engine keeps float32 keys and values, as the tiny_model fixture's does)."""
+    config.setdefault("kv_dtype", "f32")
     service = ModelService(ServeConfig(model="tiny-path", served_model_name=NAME, **config), loader=lambda: model)
     service.start_loading()
     assert service.wait_loaded(60), service.error
@@ -146,6 +148,9 @@ def test_metrics_count_tokens_and_free_blocks(client):
         r["usage"]["completion_tokens"]
     assert after["qwenkit_time_to_first_token_seconds_count"] == before["qwenkit_time_to_first_token_seconds_count"] + 1
     assert after["qwenkit_kv_blocks_used"] == 0 and after["qwenkit_requests_running"] == 0
+    config = client.app.state.service.model.config  # keys and values of every layer, float32 in this server
+    assert after["qwenkit_kv_bytes_per_token"] == 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        config.head_dim * 4
 
 
 def metric_values(client) -> dict[str, float]:
@@ -296,14 +301,16 @@ def test_logit_bias_moves_the_choice_and_bad_biases_are_400(client, tiny_model):
 def test_lora_adapters_are_models_a_request_chooses(tiny_hf_path, tmp_path):
     """--lora NAME=PATH: /v1/models lists each adapter with the base as parent; model=NAME answers with it."""
     import qwenkit
+    from tests.fixtures_tiny import float32_engine
     from tests.unit.test_adapters import trained_adapter
 
     folder = trained_adapter(tiny_hf_path, tmp_path / "support", seed=5)
-    reference = qwenkit.load(tiny_hf_path, pull=False)
+    reference = float32_engine(qwenkit.load(tiny_hf_path, pull=False))  # the KV dtype make_client's server keeps
     base_answer = reference.chat(HELLO, temperature=0, max_tokens=8).text
     from qwenkit.tune.lora import load_adapter
 
     load_adapter(reference.model, folder)
+    float32_engine(reference)  # the weights changed: a fresh engine, whose prefix cache holds nothing of the base's
     adapted_answer = reference.chat(HELLO, temperature=0, max_tokens=8).text
     assert adapted_answer != base_answer
     with make_client(qwenkit.load(tiny_hf_path, pull=False), lora={"support": str(folder)}) as c:

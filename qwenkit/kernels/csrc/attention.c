@@ -6,10 +6,10 @@
  * give the same text when a prompt's keys come from the prefix cache. (SDPA for the chunk and a separate decode
  * kernel differ in the last bits, which 8-bit activation rounding downstream can turn into another sampled token.)
  *
- * One task per (sequence, key/value head, query row): its keys are read once for all the query heads that share
- * them (grouped-query attention), then its values once per block of up to four heads. Softmax in float32 with a
- * vectorised exp. The cache is read where it lies (any batch/head/position strides, contiguous head_dim), so
- * nothing is copied or converted.
+ * One task per (query row, key/value head): its keys are read once for all the query heads that share them
+ * (grouped-query attention), then its values once per block of up to four heads. Softmax in float32 with a
+ * vectorised exp. The paged pool is read where it lies, each key through its slot, so nothing is gathered,
+ * copied or converted.
  */
 #include <math.h>
 #include <stdint.h>
@@ -54,16 +54,20 @@ INLINE float element(const void *p, int64_t i, int half) {
     return half ? half_bits_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* One query row's G heads against its n keys: q and out heads `hs` floats apart, keys and values `st` elements
- * apart, s a G * n scratch. Every sum runs in an order fixed by n alone. */
+/* One query row's G heads against its n keys: q and out heads `hs` floats apart; key (and value) t sits in pool
+ * slot slot[t], slots `st` elements apart; s a G * n scratch. Every sum runs in an order fixed by n alone. */
 typedef struct {
     const float *q;
     float *out;
     const char *k, *v;
+    const int64_t *slot;
     float *s;
     int64_t hs, st, G, D, n;
     float scale;
 } RowTask;
+
+/* Byte offset of key (or value) t in the pool, relative to the task's head. */
+#define AT(a, t, esize) ((a)->slot[t] * (a)->st * (esize))
 
 INLINE void softmax_rows(const RowTask *a) {
     for (int64_t g = 0; g < a->G; g++) { /* normalised in place */
@@ -92,7 +96,7 @@ INLINE void softmax_rows(const RowTask *a) {
 static void row_portable(const RowTask *a, int half) {
     const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
     for (int64_t t = 0; t < n; t++) {
-        const char *kt = a->k + t * a->st * esize;
+        const char *kt = a->k + AT(a, t, esize);
         for (int64_t g = 0; g < G; g++) {
             float dot = 0.0f;
             for (int64_t j = 0; j < D; j++) dot += a->q[g * a->hs + j] * element(kt, j, half);
@@ -102,7 +106,7 @@ static void row_portable(const RowTask *a, int half) {
     softmax_rows(a);
     for (int64_t g = 0; g < G; g++) memset(a->out + g * a->hs, 0, sizeof(float) * (size_t)D);
     for (int64_t t = 0; t < n; t++) {
-        const char *vt = a->v + t * a->st * esize;
+        const char *vt = a->v + AT(a, t, esize);
         for (int64_t g = 0; g < G; g++)
             for (int64_t j = 0; j < D; j++) a->out[g * a->hs + j] += a->s[g * n + t] * element(vt, j, half);
     }
@@ -134,10 +138,10 @@ INLINE void weigh_values(const RowTask *a, int half, int64_t g, int64_t j, const
     __m512 acc[16];
     for (int i = 0; i < nb * nj; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < a->n; t++) {
-        const char *vt = a->v + (t * a->st + j) * esize;
+        const char *vt = a->v + AT(a, t, esize) + j * esize;
         if (g == 0 && t + AHEAD < a->n)
             for (int64_t at = 0; at < 16 * nj * esize; at += 64)
-                _mm_prefetch(vt + AHEAD * a->st * esize + at, _MM_HINT_T0);
+                _mm_prefetch(a->v + AT(a, t + AHEAD, esize) + j * esize + at, _MM_HINT_T0);
         for (int c = 0; c < nj; c++) {
             const __m512 vv = load16(vt + 16 * c * esize, half);
             for (int i = 0; i < nb; i++)
@@ -159,22 +163,22 @@ INLINE void row_avx512(const RowTask *a, const int half) {
         int64_t t = 0;
         for (; t + 16 <= n; t += 16) {
             if (g == 0) /* the cache is cold (every layer's comes by once per token): ask for keys ahead */
-                for (int64_t at = (t + AHEAD) * a->st * esize, end = (t + AHEAD + 16) * a->st * esize;
-                     at < end && t + AHEAD < n; at += 64)
-                    _mm_prefetch(a->k + at, _MM_HINT_T0);
+                for (int64_t i = 0; i < 16 && t + AHEAD + i < n; i++)
+                    for (int64_t at = 0; at < D * esize; at += 64)
+                        _mm_prefetch(a->k + AT(a, t + AHEAD + i, esize) + at, _MM_HINT_T0);
             __m512 acc[16];
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16) {
                 const __m512 qj = _mm512_loadu_ps(qh + j);
                 for (int i = 0; i < 16; i++)
-                    acc[i] = _mm512_fmadd_ps(qj, load16(a->k + ((t + i) * a->st + j) * esize, half), acc[i]);
+                    acc[i] = _mm512_fmadd_ps(qj, load16(a->k + AT(a, t + i, esize) + j * esize, half), acc[i]);
             }
             _mm512_storeu_ps(sg + t, _mm512_mul_ps(reduce16(acc), vscale));
         }
         for (; t < n; t++) {
             __m512 acc = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + j), load16(a->k + (t * a->st + j) * esize, half), acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + j), load16(a->k + AT(a, t, esize) + j * esize, half), acc);
             sg[t] = _mm512_reduce_add_ps(acc) * a->scale;
         }
     }
@@ -195,43 +199,6 @@ INLINE void row_avx512(const RowTask *a, const int half) {
     }
 }
 #endif
-
-/* q and out [B, H, R, D] contiguous float32: R new tokens per sequence, the last R of its L positions. k and v
- * [B, KV, L, D] with element strides sb, sh, st. Row r sees keys [lo, hi): hi = L - R + r + 1 (causal), and with
- * window > 0 only the last `window` of those. */
-int qk_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, const void *k, const void *v,
-              int half, int64_t sb, int64_t sh, int64_t st, int64_t L, int64_t window, float scale, float *out,
-              int n_threads) {
-    if (B <= 0 || KV <= 0 || H % KV || D <= 0 || R <= 0 || L < R || window < 0) return 2;
-    const int64_t G = H / KV, esize = half ? 2 : 4;
-    int failed = 0;
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : failed)
-    for (int64_t task = 0; task < B * KV * R; task++) {
-        const int64_t b = task / (KV * R), kvh = task / R % KV, r = task % R;
-        const int64_t hi = L - R + r + 1, lo = window > 0 && hi > window ? hi - window : 0;
-        const int64_t first = (b * sb + kvh * sh + lo * st) * esize, row = ((b * H + kvh * G) * R + r) * D;
-        /* head h of row r lives at ((b * H + h) * R + r) * D: this group's G heads are R * D apart */
-        RowTask a = {q + row, out + row, (const char *)k + first, (const char *)v + first, NULL, R * D, st, G, D,
-                     hi - lo, scale};
-        a.s = malloc(sizeof(float) * (size_t)(G * a.n));
-        if (!a.s) {
-            failed = 1;
-            continue;
-        }
-#if QK_AVX512
-        if (D % 16 == 0) {
-            if (half)
-                row_avx512(&a, 1);
-            else
-                row_avx512(&a, 0);
-        } else
-#endif
-            row_portable(&a, half);
-        free(a.s);
-    }
-    return failed ? 3 : 0;
-}
 
 /* RMSNorm of one row of `dim`: out = (x * (1 / sqrt(mean(x^2) + eps))) * w. */
 static void rms_row(const float *x, const float *w, int64_t dim, float eps, float *out) {
@@ -274,38 +241,71 @@ INLINE void store_row(void *dst, const float *x, int64_t D, int half) {
         memcpy(dst, x, sizeof(float) * (size_t)D);
 }
 
-/* The attention of one decode step after the fused q/k/v projection, for B sequences at position pos:
- * qkv [B, (H + 2 KV) * D] float32 (q heads, then k heads, then v heads); q_norm, k_norm [D] or NULL; cos, sin
- * [B, D]. Keys (normed, rotated) and values go into the caches at pos ([B, KV, capacity, D], element strides sb,
- * sh, st; float16 or float32), then out [B, H * D] = attention over positions [0, pos] (the last `window` when
- * window > 0). In PyTorch these were some 30 small operations per layer and token. */
-int qk_decode_attention(const float *qkv, int64_t B, int64_t H, int64_t KV, int64_t D, const float *q_norm,
-                        const float *k_norm, float eps, const float *cos, const float *sin, void *k_cache,
-                        void *v_cache, int half, int64_t sb, int64_t sh, int64_t st, int64_t pos, int64_t window,
-                        float scale, float *out, int n_threads) {
-    if (B <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || pos < 0 || window < 0) return 2;
-    const int64_t width = (H + 2 * KV) * D, esize = half ? 2 : 4;
-    float *q = malloc(sizeof(float) * (size_t)(B * H * D));
-    if (!q) return 3;
+/* The attention of N new tokens after their q/k/v projection, over a paged KV pool, in one call.
+ *
+ * Row n's q heads are at q + n * qs (H heads of D floats), its k and v heads at k + n * ks and v + n * vs (KV heads
+ * each): views of one fused q/k/v projection or three separate ones. For every row: Qwen3's q/k RMSNorm where the
+ * norm weights are given, rotate-half RoPE with cos, sin [N, D], then its key and value are stored (float16 or
+ * float32) in pool slot write_slot[n]; the pools are [slots, KV, D] contiguous. Once every row is stored, row n
+ * attends over keys ctx[row_ctx[n] + t] for t < row_len[n] (its sequence's slots in position order, itself last),
+ * only the last `window` of them when window > 0: out [N, H * D] float32.
+ *
+ * Each row is computed alone, in an order fixed by its own key count (see the top of this file), so a sequence's
+ * numbers do not depend on what else shares the call. */
+int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, const float *v, int64_t vs,
+                       int64_t N, int64_t H, int64_t KV, int64_t D, const float *q_norm, const float *k_norm,
+                       float eps, const float *cos, const float *sin, void *k_pool, void *v_pool, int half,
+                       int64_t n_slots, const int64_t *write_slot, const int64_t *ctx, const int64_t *row_ctx,
+                       const int64_t *row_len, int64_t window, float scale, float *out, int n_threads) {
+    if (N <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || window < 0) return 2;
+    for (int64_t n = 0; n < N; n++)
+        if (write_slot[n] < 0 || write_slot[n] >= n_slots || row_len[n] <= 0) return 4;
+    const int64_t G = H / KV, esize = half ? 2 : 4, st = KV * D;
+    float *qr = malloc(sizeof(float) * (size_t)(N * H * D)); /* normed, rotated queries [N, H, D] */
+    if (!qr) return 3;
     if (n_threads < 1) n_threads = 1;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t task = 0; task < B * (H + KV); task++) {
-        const int64_t b = task / (H + KV), head = task % (H + KV);
-        const float *row = qkv + b * width, *c = cos + b * D, *s = sin + b * D;
+    for (int64_t task = 0; task < N * (H + KV); task++) {
+        const int64_t n = task / (H + KV), head = task % (H + KV);
+        const float *c = cos + n * D, *s = sin + n * D;
         if (head < H) {
-            norm_rope(row + head * D, q_norm, eps, c, s, D, q + (b * H + head) * D);
+            norm_rope(q + n * qs + head * D, q_norm, eps, c, s, D, qr + (n * H + head) * D);
         } else {
-            const int64_t j = head - H, at = (b * sb + j * sh + pos * st) * esize;
+            const int64_t j = head - H, at = (write_slot[n] * st + j * D) * esize;
             float key[512];
-            norm_rope(row + (H + j) * D, k_norm, eps, c, s, D, key);
-            store_row((char *)k_cache + at, key, D, half);
-            store_row((char *)v_cache + at, row + (H + KV + j) * D, D, half);
+            norm_rope(k + n * ks + j * D, k_norm, eps, c, s, D, key);
+            store_row((char *)k_pool + at, key, D, half);
+            store_row((char *)v_pool + at, v + n * vs + j * D, D, half);
         }
     }
-    const int rc = qk_attend(q, B, H, KV, D, 1, k_cache, v_cache, half, sb, sh, st, pos + 1, window, scale, out,
-                             n_threads);
-    free(q);
-    return rc;
+    int failed = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : failed)
+    for (int64_t task = 0; task < N * KV; task++) {
+        const int64_t n = task / KV, kvh = task % KV, hi = row_len[n];
+        const int64_t lo = window > 0 && hi > window ? hi - window : 0, head = (n * H + kvh * G) * D;
+        RowTask a = {qr + head, out + head, (const char *)k_pool + kvh * D * esize,
+                     (const char *)v_pool + kvh * D * esize, ctx + row_ctx[n] + lo, NULL, D, st, G, D, hi - lo,
+                     scale};
+        int bad = 0;
+        for (int64_t t = 0; t < a.n; t++) bad |= a.slot[t] < 0 || a.slot[t] >= n_slots;
+        a.s = bad ? NULL : malloc(sizeof(float) * (size_t)(G * a.n));
+        if (!a.s) {
+            failed |= bad ? 4 : 3;
+            continue;
+        }
+#if QK_AVX512
+        if (D % 16 == 0) {
+            if (half)
+                row_avx512(&a, 1);
+            else
+                row_avx512(&a, 0);
+        } else
+#endif
+            row_portable(&a, half);
+        free(a.s);
+    }
+    free(qr);
+    return failed & 4 ? 4 : failed ? 3 : 0;
 }
 
 /* RMSNorm of `rows` rows of `dim` (rms_row): the decode step's norms over the hidden state, one thread (a row of

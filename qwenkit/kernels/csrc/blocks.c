@@ -10,7 +10,7 @@
  * Every activation row is computed on its own, by the same instructions whatever the number of rows: a row's
  * result does not depend on its batch (the serving engine relies on it).
  *
- * Built by qwenkit.quant.native with -O3 -march=native -fopenmp -ffp-contract=off; OpenMP here is PyTorch's own
+ * Built by qwenkit.kernels.library with -O3 -march=native -fopenmp -ffp-contract=off; OpenMP here is PyTorch's own
  * libgomp (same soname, loaded first), so these loops share PyTorch's threads instead of fighting them for cores.
  * Without AVX512-VNNI the same functions run portable C (correct, slower); qk_simd() says which was built.
  */

@@ -1,0 +1,75 @@
+"""One step of the model for the scheduler's plan: the flat batch, the forward pass, the samplers.
+
+The scheduler decides which tokens of which sequences a step computes; the runner lays them out as one flat row of
+tokens over the paged pool (qwenkit.engine.paged.PagedBatch), runs the model, and samples the next token of every
+sequence whose pass reached the end of its known tokens.
+
+Generated tokens come first in the flat batch and prompt tokens after them: quantized layers run the former on
+their row kernels and the latter on the matrix kernel (qwenkit.quant.linear.decode_rows), so each token takes the
+same kernel whether it is decoded alone, batched, in a prompt chunk of any size, or recomputed after a preemption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from qwenkit.engine.paged import BlockPool, PagedBatch
+from qwenkit.engine.sampling import TokenLogprob
+from qwenkit.quant.linear import decode_rows
+
+if TYPE_CHECKING:
+    from qwenkit.engine.adapters import AdapterSet
+    from qwenkit.engine.scheduler import Sequence
+
+
+class _Rows:
+    """One kind of rows of the flat batch (generated or prompt tokens), gathered segment by segment."""
+
+    def __init__(self):
+        self.segments: list[tuple[int, torch.Tensor]] = []
+        self.positions: list[torch.Tensor] = []
+        self.ids: list[int] = []
+        self.adapters: list[int] = []
+
+    def add(self, seq: Sequence, first: int, end: int, slots: torch.Tensor) -> None:
+        self.segments.append((end - first, slots[:end]))
+        self.positions.append(torch.arange(first, end))
+        self.ids += seq.tokens[first:end]
+        self.adapters += [seq.adapter] * (end - first)
+
+
+class ModelRunner:
+    def __init__(self, model, pool: BlockPool, adapters: AdapterSet | None = None):
+        self.model, self.pool, self.adapters = model, pool, adapters
+        self._offsets = torch.arange(pool.block_size)
+
+    def run(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """Compute tokens [first, end) of each planned sequence; sample where a sequence's pass reached its last
+        known token. -> (sequence, token, logprob) for each sample, in plan order."""
+        generated, prompt = _Rows(), _Rows()
+        last = []  # each planned sequence's last computed token: (a generated one?, its row within its kind)
+        for seq, first, end in plan:
+            table = torch.tensor(seq.blocks, dtype=torch.long)
+            slots = (table[:, None] * self.pool.block_size + self._offsets).flatten()
+            split = min(max(first, seq.prompt_len), end)  # tokens from prompt_len on are the model's own
+            if first < split:
+                prompt.add(seq, first, split, slots)
+            if split < end:
+                generated.add(seq, split, end, slots)
+            last.append((split < end, len(generated.ids if split < end else prompt.ids) - 1))
+        flat = [row if mine else len(generated.ids) + row for mine, row in last]
+        sample = [(seq, row) for (seq, _, end), row in zip(plan, flat) if end == len(seq.tokens)]
+        batch = PagedBatch(self.pool, generated.segments + prompt.segments,
+                           torch.cat(generated.positions + prompt.positions))
+        ids = torch.tensor([generated.ids + prompt.ids])
+        adapters = self.adapters.rows(torch.tensor(generated.adapters + prompt.adapters)) \
+            if self.adapters is not None else contextlib.nullcontext()
+        with adapters, decode_rows(len(generated.ids)):
+            hidden = self.model(ids, cache=batch, logits="none")[0]
+        # The head only for the rows that sample, always on the row kernels: a prompt's last token gets the same
+        # logits whether it ends a long chunk or comes alone after a prefix-cache hit.
+        logits = self.model.head(hidden[[row for _, row in sample]])
+        return [(seq, *seq.sampler(row_logits)) for (seq, _), row_logits in zip(sample, logits)]

@@ -1,0 +1,67 @@
+"""Attention over a paged KV pool, and RMSNorm, on the CPU kernels (csrc/attention.c)."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenkit.kernels.library import check, library
+
+POOL_DTYPES = (torch.float32, torch.float16)
+
+
+class Slots:
+    """Where the rows of one forward pass write and read in the pool: row n stores its key and value in slot
+    write[n] and attends over slots context[starts[n] : starts[n] + lengths[n]] (its sequence's slots in position
+    order, itself last). Built once per step, read by every layer."""
+
+    def __init__(self, write: torch.Tensor, context: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
+        self.write, self.context = write.to(torch.int64).contiguous(), context.to(torch.int64).contiguous()
+        self.starts, self.lengths = starts.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
+        if len(self.starts) and int((self.starts + self.lengths).max()) > self.context.numel():
+            raise ValueError("paged attention: a row's context runs past the slot list")
+
+
+def takes(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether paged_attention runs for these dtypes: float32 activations over a float32 or float16 pool."""
+    return q.dtype == torch.float32 and pool.dtype in POOL_DTYPES
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int,
+                    q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                    sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: Slots,
+                    window: int | None) -> torch.Tensor:
+    """The attention of N new tokens from their raw projections: q [N, H * D], k and v [N, KV * D] float32 (row
+    strides free, e.g. views of one fused projection); Qwen3's q/k norms where their weights are given; RoPE with
+    cos, sin [N, D]; keys and values stored in the pools [slots, KV, D]; each row attending over its own context
+    (Slots). -> [N, H * D] float32."""
+    n, d = q.shape[0], k_pool.shape[-1]
+    for t, width in ((q, heads * d), (k, kv_heads * d), (v, kv_heads * d)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (n, width) or t.stride(1) != 1:
+            raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
+    if k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or k_pool.shape != v_pool.shape \
+            or tuple(k_pool.shape[1:]) != (kv_heads, d) or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("paged attention: pools must be contiguous float16/float32 [slots, kv_heads, head_dim]")
+    if slots.write.numel() != n or slots.starts.numel() != n or slots.lengths.numel() != n:
+        raise ValueError("paged attention: one write slot, context start and length per row")
+    cos, sin = cos.reshape(n, d).float().contiguous(), sin.reshape(n, d).float().contiguous()
+    weights = [w.float().contiguous() if w is not None else None for w in (q_norm, k_norm)]
+    out = torch.empty((n, heads * d), dtype=torch.float32)
+    rc = library().qk_paged_attention(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, heads, kv_heads, d,
+        *(w.data_ptr() if w is not None else None for w in weights), eps, cos.data_ptr(), sin.data_ptr(),
+        k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.float16, k_pool.shape[0],
+        slots.write.data_ptr(), slots.context.data_ptr(), slots.starts.data_ptr(), slots.lengths.data_ptr(),
+        window or 0, d**-0.5, out.data_ptr(), torch.get_num_threads())
+    check(rc, "paged attention")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of float32 x with a float32 weight, each row alone."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:]:
+        raise ValueError("rms_norm: float32 rows and a float32 weight of their width")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    check(library().qk_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.contiguous().data_ptr(),
+                                eps, out.data_ptr()), "rms_norm")
+    return out
