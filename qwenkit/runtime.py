@@ -7,6 +7,7 @@ a batch of one, and calls from several threads share its steps.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,26 +74,30 @@ class Model:
         self.context_length = self.config.max_position_embeddings
         self._engine: Engine | None = None
         self._engine_options: dict[str, Any] = {}
+        self._engine_lock = threading.RLock()
 
     # ---- the engine ------------------------------------------------------------------------------------------
     def start_engine(self, **options) -> Engine:
         """Start the batching engine that generation runs on, with Engine's options (max_batch, kv_dtype,
-        adapters, ...); one that was running finishes what it has first."""
-        if self._engine is not None:
-            self._engine.shutdown(drain=True)
-        options.setdefault("max_model_len", self.context_length)
-        self._engine_options = options
-        self._engine = Engine(self.model, self.tokenizer, **options)
-        self._engine.start()
-        return self._engine
+        adapters, ...). One that was running stops: requests still in it end with EngineStopped. A new engine
+        also starts with an empty prefix cache, which is what changing the weights in place (load_adapter) needs."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.shutdown(drain=False)
+            options.setdefault("max_model_len", self.context_length)
+            self._engine_options = options
+            self._engine = Engine(self.model, self.tokenizer, **options)
+            self._engine.start()
+            return self._engine
 
     @property
     def engine(self) -> Engine:
         """The running engine: started with its defaults on first use, and again with the last options given
-        after it was shut down (a server that stopped, say)."""
-        if self._engine is None or self._engine.stopping:
-            return self.start_engine(**self._engine_options)
-        return self._engine
+        after it was shut down."""
+        with self._engine_lock:  # reentrant: start_engine takes it too
+            if self._engine is None or self._engine.stopping:
+                self.start_engine(**self._engine_options)
+            return self._engine
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
@@ -205,7 +210,7 @@ class Model:
 
     def stream(self, request: GenerationRequest) -> Iterator[Response]:
         """The Responses of one engine request; leaving the loop early frees its place in the engine."""
-        handle = self.engine.submit(request)
+        handle = self.engine.submit(request, asynchronous=False)
         try:
             yield from handle
         finally:

@@ -24,6 +24,9 @@ class PagedSequence:
         first, end = self.length, self.length + len(tokens)
         batch = PagedBatch(self.pool, [(len(tokens), self.slots[:end])], torch.arange(first, end))
         with torch.inference_mode(), decode_rows(len(tokens) if generated else 0):
-            out = self.model(torch.tensor([tokens]), cache=batch, logits=logits)
+            out = self.model(torch.tensor([tokens]), cache=batch, logits="none" if logits == "last" else logits)
         self.length = end
-        return out
+        if logits != "last":
+            return out
+        with torch.inference_mode(), decode_rows(1):  # the engine's head: the sampled row, on the row kernels
+            return self.model.head(out[:, -1])

@@ -16,10 +16,12 @@ LoRA adapter (`GenerationRequest.adapter`); requests of different adapters share
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -56,18 +58,19 @@ class RequestStream:
 
     _ids = itertools.count()
 
-    def __init__(self, request: GenerationRequest, engine: Engine):
+    def __init__(self, request: GenerationRequest, engine: Engine, asynchronous: bool | None = None):
         self.id = next(self._ids)
         self.request = request
         self.submitted = time.monotonic()
         self.deadline = self.submitted + request.timeout if request.timeout else None
         self.aborted = False
         self._engine = engine
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue()
+        try:  # read with `async for` when submitted from an event loop, unless the caller says otherwise
+            loop = asyncio.get_running_loop() if asynchronous is not False else None
         except RuntimeError:
-            self._loop, self._queue = None, queue.SimpleQueue()
+            loop = None
+        self._loop: asyncio.AbstractEventLoop | None = loop
+        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
     # ---- called by the worker thread ----------------------------------------------------------------------------
     def put(self, item: Response | QwenkitError | object) -> None:
@@ -117,12 +120,23 @@ KV_DTYPES = {"f16": torch.float16, "f32": torch.float32}
 
 
 def kv_dtype(name: str | None) -> torch.dtype | None:
-    """The KV dtype a flag or route file names (f16, f32); None for the engine's default."""
+    """The KV dtype a flag names (f16, f32); None for the engine's default."""
     if name is None:
         return None
     if name not in KV_DTYPES:
         raise BadRequest(f"kv dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
     return KV_DTYPES[name]
+
+
+_running: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_engines() -> None:
+    """At interpreter exit, stop every worker before the runtime tears down under it (a worker still inside
+    PyTorch then aborts the process: "terminate called without an active exception")."""
+    for engine in list(_running):
+        engine.shutdown(drain=False)
 
 
 def default_kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -168,6 +182,7 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
             self._thread.start()
+            _running.add(self)
 
     def __enter__(self) -> Engine:
         self.start()
@@ -176,7 +191,9 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.shutdown(drain=False)
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest, asynchronous: bool | None = None) -> RequestStream:
+        """Queue a request; its stream is read with `async for` when submitted from an event loop, else with `for`
+        (asynchronous=False: with `for` even from a loop's thread, as the Python API reads it)."""
         if self._stopping:
             raise EngineStopped("the server is shutting down")
         known = self.adapters.names.values() if self.adapters is not None else ()
@@ -187,7 +204,7 @@ class Engine:
             queued = self.scheduler.waiting_count() + self._incoming.qsize() - self.scheduler.free_slots()
             if queued >= self.max_queue:
                 raise Overloaded(f"the request queue is full ({self.max_queue} waiting); retry shortly")
-        stream = RequestStream(request, self)
+        stream = RequestStream(request, self, asynchronous)
         self._incoming.put(stream)
         self._wake()
         return stream

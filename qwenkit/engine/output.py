@@ -1,5 +1,5 @@
 """Turning one sequence's generated tokens into Responses: UTF-8-safe text, stop strings, and for chat the
-reasoning / content / tool-call split. Shared by the single-request loop and the batching engine.
+reasoning / content / tool-call split, for each sequence of the engine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A paged KV cache: one pool of fixed-size blocks that every running sequence draws from, with prefix caching.
 
 Keys and values of layer l live in `k[l]`, `v[l]` of shape [num_blocks * block_size, kv_heads, head_dim], by
-default float16 on the CPU, as llama.cpp keeps them (half the bytes to read per token; see kv_dtype). A sequence
+default float16 for a float32 model, as llama.cpp keeps them (half the bytes to read per token; see
+engine.default_kv_dtype). A sequence
 owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`. Memory
 follows what sequences actually hold instead of max_batch x max_model_len.
 

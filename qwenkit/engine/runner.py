@@ -69,7 +69,10 @@ class ModelRunner:
             if self.adapters is not None else contextlib.nullcontext()
         with adapters, decode_rows(len(generated.ids)):
             hidden = self.model(ids, cache=batch, logits="none")[0]
-        # The head only for the rows that sample, always on the row kernels: a prompt's last token gets the same
+        if not sample:
+            return []
+        # The head only for the rows that sample, all on the row kernels: a prompt's last token gets the same
         # logits whether it ends a long chunk or comes alone after a prefix-cache hit.
-        logits = self.model.head(hidden[[row for _, row in sample]])
+        with decode_rows(len(sample)):
+            logits = self.model.head(hidden[[row for _, row in sample]])
         return [(seq, *seq.sampler(row_logits)) for (seq, _), row_logits in zip(sample, logits)]

@@ -1,4 +1,4 @@
-"""Attention over a paged KV pool, and RMSNorm, on the CPU kernels (csrc/attention.c)."""
+"""Attention over a paged KV pool on the CPU kernels (csrc/attention.c)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ class Slots:
     def __init__(self, write: torch.Tensor, context: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
         self.write, self.context = write.to(torch.int64).contiguous(), context.to(torch.int64).contiguous()
         self.starts, self.lengths = starts.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
-        if len(self.starts) and int((self.starts + self.lengths).max()) > self.context.numel():
+        if len(self.starts) and (int((self.starts + self.lengths).max()) > self.context.numel()
+                                 or int(self.starts.min()) < 0 or int(self.lengths.min()) < 1):
             raise ValueError("paged attention: a row's context runs past the slot list")
 
 
@@ -53,15 +54,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         slots.write.data_ptr(), slots.context.data_ptr(), slots.starts.data_ptr(), slots.lengths.data_ptr(),
         window or 0, d**-0.5, out.data_ptr(), torch.get_num_threads())
     check(rc, "paged attention")
-    return out
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension of float32 x with a float32 weight, each row alone."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:]:
-        raise ValueError("rms_norm: float32 rows and a float32 weight of their width")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    check(library().qk_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.contiguous().data_ptr(),
-                                eps, out.data_ptr()), "rms_norm")
     return out

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qwenkit.kernels.cpu import cpu_flags
 
-log = logging.getLogger("qwenkit.quant")
+log = logging.getLogger("qwenkit.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.c"))
@@ -96,8 +96,6 @@ def library() -> ctypes.CDLL | None:
     lib.qk_paged_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64,
                                        p, p, p, p, i64, f32, p, i32]
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_simd.restype = lib.qk_paged_attention.restype = i32
-    lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]
-    lib.qk_rms_norm.restype = i32
     return lib
 
 

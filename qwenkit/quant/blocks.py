@@ -1,9 +1,10 @@
 """Linear layers whose weights stay in GGUF's own quantized blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K).
 
 The file's bytes are the weight: loading copies them and converts nothing, memory holds what the file holds, and
-a decode step reads as many weight bytes as llama.cpp. Up to FUSED_MAX_ROWS activation rows run on the block
-kernels of qwenkit.kernels.blocks (each row computed on its own: batch invariant by construction); longer prompt
-chunks dequantize the weight once per call, bf16 where the CPU has it, and use the regular matrix kernel.
+a decode step reads as many weight bytes as llama.cpp. Generated tokens (qwenkit.quant.linear.decode_rows), or up
+to FUSED_MAX_ROWS rows outside the engine, run on the block kernels of qwenkit.kernels.blocks (each row computed
+on its own: batch invariant by construction); prompt chunks dequantize the weight once per call, bf16 where the
+CPU has it, and use the regular matrix kernel.
 
 A layer may hold several parts of different block types stacked by rows: fused q/k/v or gate/up projections whose
 tensors the quantizer gave different types (Q4_K_M files mix Q5_0 and Q8_0 in attn_v, for one) are still one call.
@@ -163,18 +164,19 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = rows_then_matrix(x.reshape(-1, self.in_features), FUSED_MAX_ROWS, self._row_kernel, self._matrix_kernel)
-        if self.bias is not None:
-            y += self.bias
         return y.view(*shape[:-1], self.out_features)
 
     def _row_kernel(self, x2: torch.Tensor) -> torch.Tensor:
         y = self._parts().matmul(x2 if x2.dtype == torch.float32 and x2.is_contiguous() else
                                  x2.to(torch.float32).contiguous())
+        if self.bias is not None:  # in float32, before any cast
+            y += self.bias
         return y if x2.dtype == torch.float32 else y.to(x2.dtype)
 
     def _matrix_kernel(self, x2: torch.Tensor) -> torch.Tensor:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        return F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
+        y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
+        return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, GGUF {self.kind} blocks, bias={self.bias is not None}"

@@ -1,7 +1,9 @@
 """Linear and embedding layers over the compact weight formats (Int8Grouped, Int4Grouped).
 
-Which kernel runs depends on the format, the CPU (see qwenkit.kernels.cpu) and the number of activation rows:
-- few rows (decode; up to GEMV_MAX_ROWS, or FUSED_MAX_ROWS for the fused kernels and for the serving engine):
+Which kernel runs depends on the format, the CPU (see qwenkit.kernels.cpu) and the rows: inside the engine, tokens
+the model generated take the row kernels and prompt tokens the matrix kernel (decode_rows); elsewhere (scoring,
+training) few rows take the row kernels and many the matrix kernel.
+- row kernels (up to GEMV_MAX_ROWS rows a call, or FUSED_MAX_ROWS for the fused kernels):
   - int8 with one scale per row, on x86: fbgemm's dynamic int8 linear on its own packed copy of the weight (42-52
     ms per decode step of the default model against 57-75 ms with the next choice, for ~0.5 GB more memory).
     fbgemm quantizes a whole batch of activations with one range; inside batch_invariant() (the serving engine) we
@@ -9,8 +11,9 @@ Which kernel runs depends on the format, the CPU (see qwenkit.kernels.cpu) and t
   - int8 per row elsewhere with native bf16: PyTorch's `_weight_int8pack_mm`;
   - int4 in rows of 64 with groups of 32-256, on CPUs with native bf16: PyTorch's tinygemm kernel;
   - everything else: our compiled grouped kernels, in fp32.
-- more rows (prompt chunks): the weight is dequantized once per call, a few MB per layer, and multiplied with the
-  regular matrix kernel, in bf16 where the CPU has it (AMX / AVX512-BF16 make that several times faster), else fp32.
+- the matrix kernel (prompt chunks): the weight is dequantized once per call, a few MB per layer, and multiplied with
+  the regular matrix kernel, in bf16 where the CPU has it (AMX / AVX512-BF16 make that several times faster), else
+  fp32.
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 
 GEMV_MAX_ROWS = 4  # up to this many activation rows, our compiled kernels read the packed weights directly
 # Up to this many rows, PyTorch's fused int8/int4 kernels, and fbgemm within batch_invariant(), compute each row
-# alone: a served request gets the same numbers whatever it is batched with (the engine keeps its steps this small).
-# Past it (long prompt chunks) the weight is dequantized and multiplied in bf16: faster for the fused kernels, whose
-# cost grows with the rows, and more precise than 8-bit activations (+0.4% perplexity against +0.9% for the
-# default model).
+# alone: a served request gets the same numbers whatever it is batched with (more generated rows go in pieces of
+# this many). Prompt tokens take the matrix kernel instead: faster for the fused kernels, whose cost grows with the
+# rows, and more precise than 8-bit activations (+0.4% perplexity against +0.9% for the default model).
 FUSED_MAX_ROWS = 64
 
 
@@ -53,25 +55,27 @@ def decode_rows(n: int) -> contextlib.AbstractContextManager[None]:
 
 
 def rows_then_matrix(x: torch.Tensor, row_limit: int, rows, matrix) -> torch.Tensor:
-    """x [M, K] -> [M, N]: the leading rows through `rows` and the others through `matrix` (padded to
-    MIN_MATRIX_ROWS). Inside decode_rows(n) the split is n; elsewhere every row takes `rows` when M <= row_limit."""
+    """x [M, K] -> [M, N]: the leading rows through `rows`, in pieces of at most row_limit (up to which it computes
+    each row alone), and the others through `matrix` (padded to MIN_MATRIX_ROWS). Inside decode_rows(n) the split
+    is n; elsewhere every row takes `rows` when M <= row_limit, and none does otherwise."""
     split = getattr(_mode, "decode_rows", None)
     m = x.shape[0]
     if split is None:
         split = m if m <= row_limit else 0
-    if split >= m:
-        return rows(x)
-    prompt = x[split:]
-    if prompt.shape[0] < MIN_MATRIX_ROWS:
-        prompt = torch.cat([prompt, prompt.new_zeros(MIN_MATRIX_ROWS - prompt.shape[0], x.shape[1])])
-    y = matrix(prompt)[: m - split]
-    return torch.cat([rows(x[:split]), y]) if split else y
+    split = min(split, m)
+    parts = [rows(x[i : min(i + row_limit, split)]) for i in range(0, split, row_limit)]
+    if split < m:
+        prompt = x[split:]
+        if prompt.shape[0] < MIN_MATRIX_ROWS:
+            prompt = torch.cat([prompt, prompt.new_zeros(MIN_MATRIX_ROWS - prompt.shape[0], x.shape[1])])
+        parts.append(matrix(prompt)[: m - split])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def batch_invariant() -> contextlib.AbstractContextManager[None]:
     """Within this block (in this thread), every row of a batch up to FUSED_MAX_ROWS gets exactly the result it would
-    get alone. The serving engine runs its steps in it; single-request generation does not, and keeps fbgemm's
-    plain matrix-vector path (the extra work per call costs it about a third of its decode speed)."""
+    get alone. The engine runs its steps in it: fbgemm then quantizes each row on its own range (about a third of
+    its decode speed, against its plain matrix-vector path)."""
     return scoped(_mode, "on", True, default=False)
 
 

@@ -1,4 +1,4 @@
-"""The attention kernels of qwenkit.kernels.attention (csrc/attention.c): attention over a paged KV pool, RMSNorm.
+"""The attention kernel of qwenkit.kernels.attention (csrc/attention.c): attention over a paged KV pool.
 
 References: the model's own PyTorch ops for the q/k norms and RoPE, and float64 SDPA over the keys each row may see
 (5e-5 absolute on outputs up to ~5: float32 scores and an exp accurate to 2e-7); keys stored within one float16
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenkit.kernels.attention import Slots, paged_attention, rms_norm
+from qwenkit.kernels.attention import Slots, paged_attention
 from qwenkit.kernels.library import available
 from qwenkit.model.attention import causal_mask
 from qwenkit.model.rope import apply_rotary
@@ -125,15 +125,6 @@ def test_float16_rounding_equals_torch():
     paged_attention(nan, nan, nan, 1, 1, None, None, 0.0, ones[:1], zeros[:1], pool_k, pool_v,
                     Slots(each[:1], each[:1], each[:1], torch.ones(1, dtype=torch.long)), None)
     assert pool_v[:1].isnan().all()
-
-
-@pytest.mark.parametrize("dim", [896, 1024, 40])
-def test_rms_norm(dim):
-    x, w = torch.randn(3, dim) * 4, torch.rand(dim) + 0.5
-    want = torch.nn.functional.rms_norm(x.double(), (dim,), w.double(), 1e-6)
-    assert (rms_norm(x, w, 1e-6).double() - want).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="float32"):
-        rms_norm(x, w[:-1], 1e-6)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3-headdim", "qwen2-tied-sliding", "qwen3_moe"])

@@ -76,6 +76,30 @@ def test_batched_chunked_prefix_cached_equals_alone(arch, tok):
         assert engine.stats().kv_blocks_used == 0
 
 
+@pytest.mark.parametrize("weights", ["gguf-q8_0", "int8", "int4"])
+def test_quantized_layers_keep_batched_chunked_prefix_cached_equal_alone(weights, tok, tmp_path):
+    """Quantized layers run generated tokens on their row kernels and prompt tokens on the matrix kernel, whatever
+    shares the step: chunks of 8 prompt rows (padded to the matrix kernel's 16) and prefix-cache hits give the
+    tokens of the prompt in one pass."""
+    import qwenkit
+    from qwenkit.kernels.library import available
+    from tests.tiny_checkpoint import tiny_gguf, tiny_hf_folder
+
+    if weights.startswith("gguf"):
+        gguf = pytest.importorskip("gguf")
+        if not available():
+            pytest.skip("GGUF blocks run on the C kernels only where they are built")
+        model = qwenkit.load(tiny_gguf(tmp_path, "qwen2", qtype=gguf.GGMLQuantizationType.Q8_0), pull=False).model
+    else:
+        model = qwenkit.load(tiny_hf_folder(tmp_path / "hf"), pull=False, quant=weights).model
+    prompts = [tok.encode(p) for p in PROMPTS + [" ".join(PROMPTS)]]  # the last past FUSED_MAX_ROWS tokens
+    expected = [alone(model, tok, p, 12) for p in prompts]
+    with Engine(model, tok, max_batch=4, block_size=4, prefill_chunk=8) as engine:
+        assert run_all(engine, [greedy(p) for p in prompts]) == expected
+        assert run_all(engine, [greedy(p) for p in prompts]) == expected  # now mostly from the prefix cache
+        assert engine.stats().prefix_cache_hits > 0
+
+
 def test_preemption_when_the_pool_runs_out_loses_nothing(tok):
     model = tiny_model("qwen2")
     prompts = [tok.encode(p) for p in PROMPTS[:4]]

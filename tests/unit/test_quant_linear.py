@@ -101,7 +101,7 @@ def test_fused_kernels_give_a_row_the_same_result_in_any_batch(cpu):
     for fmt in (quantize_int8(w, None), quantize_int4(w, 32)):
         layer = QuantLinear(fmt)
         if layer.packed is None and not layer.fused_kernel:
-            continue  # the compiled fp32 kernels serve only single-request decode
+            continue  # the compiled fp32 kernels take at most GEMV_MAX_ROWS rows a call
         with torch.no_grad(), batch_invariant():
             batched = layer(x)
             check_close(batched, x, fmt.dequantize(), None, 1e-2)  # the row mapping keeps the results right

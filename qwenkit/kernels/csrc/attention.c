@@ -307,11 +307,3 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
     free(qr);
     return failed & 4 ? 4 : failed ? 3 : 0;
 }
-
-/* RMSNorm of `rows` rows of `dim` (rms_row): the decode step's norms over the hidden state, one thread (a row of
- * ~1000 values is less work than waking a second). */
-int qk_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, float eps, float *out) {
-    if (rows < 0 || dim <= 0) return 2;
-    for (int64_t r = 0; r < rows; r++) rms_row(x + r * dim, w, dim, eps, out + r * dim);
-    return 0;
-}
