@@ -178,7 +178,8 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     """Wrap `model` with the adapter in `folder` (ours or PEFT's): every tensor must match a layer, and every layer
-    must get its tensors."""
+    must get its tensors. This changes the network in place: a qwenkit.runtime.Model that already generated keeps
+    the base model's keys in its engine's prefix cache, so start a fresh engine (Model.start_engine()) after it."""
     cfg = read_adapter_config(folder)
     apply_lora(model, cfg)
     copy_adapter_weights(model, folder)

@@ -209,6 +209,7 @@ def test_serve_lora_adapters_chosen_per_request_over_http(tiny_hf_path, tmp_path
     reference = qwenkit.load(tiny_hf_path, pull=False)
     base_text = reference.chat(messages, temperature=0, max_tokens=12).text
     load_adapter(reference.model, folder)
+    reference.start_engine()  # the weights changed: a fresh engine, whose prefix cache holds nothing of the base's
     adapted_text = reference.chat(messages, temperature=0, max_tokens=12).text
     assert adapted_text != base_text
     server = Server(tiny_hf_path, tmp_path / "server.log", "--served-model-name", "tiny", "--lora",
