@@ -1,6 +1,6 @@
 """A paged KV cache: one pool of fixed-size blocks that every running sequence draws from, with prefix caching.
 
-Keys and values of layer l live in `k[l]`, `v[l]` of shape [num_blocks * block_size, kv_heads, head_dim], by
+Keys and values of layer l live in `k[l]`, `v[l]` of shape [kv_heads, num_blocks * block_size, head_dim], by
 default float16 for a float32 model, as llama.cpp keeps them (half the bytes to read per token; see
 engine.default_kv_dtype). A sequence
 owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`. Memory
@@ -37,7 +37,8 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 class BlockPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        # Head-major: one head's keys of a block lie together, as a sequence's attention reads them.
+        shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
         # Left uninitialised: a slot is read only after its sequence wrote it, and untouched pages cost no memory,
         # so the pool's resident size follows the tokens actually held.
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -153,15 +154,15 @@ class PagedBatch:
                 q[0], k[0], v[0], layer.n_heads, layer.n_kv, *norms, cos[0, 0], sin[0, 0], pool_k, pool_v,
                 self.slots, layer.window)[None]
         q, k, v = layer.heads(q, k, v, cos, sin)  # [1, H, N, D], [1, KV, N, D]
-        pool_k[self.slots.write] = k[0].transpose(0, 1).to(pool_k.dtype)
-        pool_v[self.slots.write] = v[0].transpose(0, 1).to(pool_v.dtype)
+        pool_k[:, self.slots.write] = k[0].to(pool_k.dtype)
+        pool_v[:, self.slots.write] = v[0].to(pool_v.dtype)
         outs, first = [], 0
         for rows, slots in self.segments:
             length = slots.numel()
             if layer.window is not None and length > layer.window + rows - 1:  # only keys some new row can see
                 slots = slots[-(layer.window + rows - 1):]
-            ks = pool_k[slots].transpose(0, 1)[None].to(q.dtype)  # [1, KV, L, D]
-            vs = pool_v[slots].transpose(0, 1)[None].to(q.dtype)
+            ks = pool_k[:, slots][None].to(q.dtype)  # [1, KV, L, D]
+            vs = pool_v[:, slots][None].to(q.dtype)
             qs = q[:, :, first:first + rows]
             if rows == 1:
                 outs.append(_one_row(qs, ks, vs))

@@ -33,15 +33,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
                     window: int | None) -> torch.Tensor:
     """The attention of N new tokens from their raw projections: q [N, H * D], k and v [N, KV * D] float32 (row
     strides free, e.g. views of one fused projection); Qwen3's q/k norms where their weights are given; RoPE with
-    cos, sin [N, D]; keys and values stored in the pools [slots, KV, D]; each row attending over its own context
+    cos, sin [N, D]; keys and values stored in the pools [KV, slots, D]; each row attending over its own context
     (Slots). -> [N, H * D] float32."""
     n, d = q.shape[0], k_pool.shape[-1]
     for t, width in ((q, heads * d), (k, kv_heads * d), (v, kv_heads * d)):
         if t.dtype != torch.float32 or tuple(t.shape) != (n, width) or t.stride(1) != 1:
             raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
     if k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or k_pool.shape != v_pool.shape \
-            or tuple(k_pool.shape[1:]) != (kv_heads, d) or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("paged attention: pools must be contiguous float16/float32 [slots, kv_heads, head_dim]")
+            or k_pool.shape[0] != kv_heads or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("paged attention: pools must be contiguous float16/float32 [kv_heads, slots, head_dim]")
     if slots.write.numel() != n or slots.starts.numel() != n or slots.lengths.numel() != n:
         raise ValueError("paged attention: one write slot, context start and length per row")
     cos, sin = cos.reshape(n, d).float().contiguous(), sin.reshape(n, d).float().contiguous()
@@ -50,7 +50,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     rc = library().qk_paged_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, heads, kv_heads, d,
         *(w.data_ptr() if w is not None else None for w in weights), eps, cos.data_ptr(), sin.data_ptr(),
-        k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.float16, k_pool.shape[0],
+        k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.float16, k_pool.shape[1],
         slots.write.data_ptr(), slots.context.data_ptr(), slots.starts.data_ptr(), slots.lengths.data_ptr(),
         window or 0, d**-0.5, out.data_ptr(), torch.get_num_threads())
     check(rc, "paged attention")

@@ -96,11 +96,14 @@ def library() -> ctypes.CDLL | None:
     lib.qk_paged_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64,
                                        p, p, p, p, i64, f32, p, i32]
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_simd.restype = lib.qk_paged_attention.restype = i32
+    lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]
+    lib.qk_rms_norm.restype = i32
     return lib
 
 
+@functools.cache
 def available() -> bool:
-    """Whether GGUF blocks get the fast kernels here (QWENKIT_NATIVE=0: never, to test the other path)."""
+    """Whether the fast kernels run here (QWENKIT_NATIVE=0: never, to test the other path); decided once."""
     if os.environ.get("QWENKIT_NATIVE") == "0":
         return False
     lib = library()

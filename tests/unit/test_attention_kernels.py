@@ -1,4 +1,5 @@
-"""The attention kernel of qwenkit.kernels.attention (csrc/attention.c): attention over a paged KV pool.
+"""The kernels of csrc/attention.c: attention over a paged KV pool (qwenkit.kernels.attention), and RMSNorm
+(qwenkit.kernels.norm).
 
 References: the model's own PyTorch ops for the q/k norms and RoPE, and float64 SDPA over the keys each row may see
 (5e-5 absolute on outputs up to ~5: float32 scores and an exp accurate to 2e-7); keys stored within one float16
@@ -12,6 +13,7 @@ import torch
 
 from qwenkit.kernels.attention import Slots, paged_attention
 from qwenkit.kernels.library import available
+from qwenkit.kernels.norm import rms_norm
 from qwenkit.model.attention import causal_mask
 from qwenkit.model.rope import apply_rotary
 
@@ -45,10 +47,10 @@ def reference(q, k, v, h, kv, d, wq, wk, eps, cos, sin, pool_k, pool_v, segments
     q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
     pool_k, pool_v = pool_k.clone(), pool_v.clone()
     write = torch.cat([s[-r:] for r, s in segments])
-    pool_k[write], pool_v[write] = k.to(pool_k.dtype), v.to(pool_v.dtype)
+    pool_k[:, write], pool_v[:, write] = k.transpose(0, 1).to(pool_k.dtype), v.transpose(0, 1).to(pool_v.dtype)
     outs, first, attend_k = [], 0, pool_k if keys is None else keys
     for r, s in segments:
-        keys, values = attend_k[s].transpose(0, 1)[None].double(), pool_v[s].transpose(0, 1)[None].double()
+        keys, values = attend_k[:, s][None].double(), pool_v[:, s][None].double()
         pos = torch.arange(len(s))
         mask = causal_mask(pos[-r:, None], pos[None, :], window)
         qs = q[first : first + r].transpose(0, 1)[None].double()
@@ -73,7 +75,7 @@ def test_paged_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm, window
     wq, wk = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if qk_norm else (None, None)
     angles = positions[:, None] * torch.rand(d // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    pool_k, pool_v = torch.randn(n_slots, kv, d).to(dtype), torch.randn(n_slots, kv, d).to(dtype)
+    pool_k, pool_v = torch.randn(kv, n_slots, d).to(dtype), torch.randn(kv, n_slots, d).to(dtype)
 
     before = pool_k.clone()
     got = paged_attention(q, k, v, h, kv, wq, wk, eps, cos, sin, pool_k, pool_v, slots, window)
@@ -96,7 +98,7 @@ def test_paged_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm, window
 def test_bad_input_is_refused():
     slots, _, _ = scattered_batch([5], [5], 8)
     q, k = torch.randn(5, 64), torch.randn(5, 64)
-    pool = torch.zeros(8, 1, 64)
+    pool = torch.zeros(1, 8, 64)
     cos = sin = torch.zeros(5, 64)
     with pytest.raises(ValueError, match="float32"):
         paged_attention(q.double(), k, k, 1, 1, None, None, 0.0, cos, sin, pool, pool, slots, None)
@@ -115,7 +117,7 @@ def test_float16_rounding_equals_torch():
                             2.9802322e-08, 5.96e-8, 1e-5, -1e-7, 1.00048828125, 1.000732421875, 2049.0, 2051.0])
     values = torch.cat([special, torch.randn(3998) * 10, torch.randn(4000) * 1e-5]).reshape(-1, 8)  # [n, D=8]
     n = values.shape[0]
-    pool_k, pool_v = torch.zeros(n, 1, 8, dtype=torch.float16), torch.zeros(n, 1, 8, dtype=torch.float16)
+    pool_k, pool_v = torch.zeros(1, n, 8, dtype=torch.float16), torch.zeros(1, n, 8, dtype=torch.float16)
     each = torch.arange(n)
     slots = Slots(each, each, each, torch.ones(n, dtype=torch.long))  # every row a one-token sequence
     zeros, ones = torch.zeros(n, 8), torch.ones(n, 8)
@@ -124,7 +126,20 @@ def test_float16_rounding_equals_torch():
     nan = torch.full((1, 8), float("nan"))
     paged_attention(nan, nan, nan, 1, 1, None, None, 0.0, ones[:1], zeros[:1], pool_k, pool_v,
                     Slots(each[:1], each[:1], each[:1], torch.ones(1, dtype=torch.long)), None)
-    assert pool_v[:1].isnan().all()
+    assert pool_v[:, :1].isnan().all()
+
+
+@pytest.mark.parametrize("dim", [896, 1024, 40])
+def test_rms_norm(dim):
+    """The hidden-state norm the model runs where the kernels are built: float64 reference within 1e-5, each row
+    equal to itself normed alone."""
+    x, w = torch.randn(3, dim) * 4, torch.rand(dim) + 0.5
+    want = torch.nn.functional.rms_norm(x.double(), (dim,), w.double(), 1e-6)
+    got = rms_norm(x, w, 1e-6)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert torch.equal(rms_norm(x[1:2], w, 1e-6)[0], got[1])
+    with pytest.raises(ValueError, match="float32"):
+        rms_norm(x, w[:-1], 1e-6)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3-headdim", "qwen2-tied-sliding", "qwen3_moe"])

@@ -246,7 +246,8 @@ INLINE void store_row(void *dst, const float *x, int64_t D, int half) {
  * Row n's q heads are at q + n * qs (H heads of D floats), its k and v heads at k + n * ks and v + n * vs (KV heads
  * each): views of one fused q/k/v projection or three separate ones. For every row: Qwen3's q/k RMSNorm where the
  * norm weights are given, rotate-half RoPE with cos, sin [N, D], then its key and value are stored (float16 or
- * float32) in pool slot write_slot[n]; the pools are [slots, KV, D] contiguous. Once every row is stored, row n
+ * float32) in pool slot write_slot[n]; the pools are [KV, slots, D] contiguous (a head's keys of one block lie
+ * together, as a sequence reads them). Once every row is stored, row n
  * attends over keys ctx[row_ctx[n] + t] for t < row_len[n] (its sequence's slots in position order, itself last),
  * only the last `window` of them when window > 0: out [N, H * D] float32.
  *
@@ -260,7 +261,7 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
     if (N <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || window < 0) return 2;
     for (int64_t n = 0; n < N; n++)
         if (write_slot[n] < 0 || write_slot[n] >= n_slots || row_len[n] <= 0) return 4;
-    const int64_t G = H / KV, esize = half ? 2 : 4, st = KV * D;
+    const int64_t G = H / KV, esize = half ? 2 : 4, head_stride = n_slots * D;
     float *qr = malloc(sizeof(float) * (size_t)(N * H * D)); /* normed, rotated queries [N, H, D] */
     if (!qr) return 3;
     if (n_threads < 1) n_threads = 1;
@@ -271,7 +272,7 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
         if (head < H) {
             norm_rope(q + n * qs + head * D, q_norm, eps, c, s, D, qr + (n * H + head) * D);
         } else {
-            const int64_t j = head - H, at = (write_slot[n] * st + j * D) * esize;
+            const int64_t j = head - H, at = (j * n_slots + write_slot[n]) * D * esize;
             float key[512];
             norm_rope(k + n * ks + j * D, k_norm, eps, c, s, D, key);
             store_row((char *)k_pool + at, key, D, half);
@@ -282,9 +283,9 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : failed)
     for (int64_t task = 0; task < N * KV; task++) {
         const int64_t n = task / KV, kvh = task % KV, hi = row_len[n];
-        const int64_t lo = window > 0 && hi > window ? hi - window : 0, head = (n * H + kvh * G) * D;
-        RowTask a = {qr + head, out + head, (const char *)k_pool + kvh * D * esize,
-                     (const char *)v_pool + kvh * D * esize, ctx + row_ctx[n] + lo, NULL, D, st, G, D, hi - lo,
+        const int64_t lo = window > 0 && hi > window ? hi - window : 0, at = (n * H + kvh * G) * D;
+        RowTask a = {qr + at, out + at, (const char *)k_pool + kvh * head_stride * esize,
+                     (const char *)v_pool + kvh * head_stride * esize, ctx + row_ctx[n] + lo, NULL, D, D, G, D, hi - lo,
                      scale};
         int bad = 0;
         for (int64_t t = 0; t < a.n; t++) bad |= a.slot[t] < 0 || a.slot[t] >= n_slots;
@@ -306,4 +307,12 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
     }
     free(qr);
     return failed & 4 ? 4 : failed ? 3 : 0;
+}
+
+/* RMSNorm of `rows` rows of `dim` (rms_row), each row alone: the hidden-state norms, one thread (a row of ~1000
+ * values is less work than waking a second; PyTorch's fused op costs several times more per decode-step call). */
+int qk_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, float eps, float *out) {
+    if (rows < 0 || dim <= 0) return 2;
+    for (int64_t r = 0; r < rows; r++) rms_row(x + r * dim, w, dim, eps, out + r * dim);
+    return 0;
 }
