@@ -165,10 +165,10 @@ class Engine:
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_queue = max_queue
         self.max_model_len = max_model_len or model.config.max_position_embeddings
-        self.kv_dtype = kv_dtype or default_kv_dtype(model.dtype)
         self.scheduler = Scheduler(
             model, tokenizer, max_batch=max_batch, max_model_len=self.max_model_len, block_size=block_size,
-            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, kv_dtype=self.kv_dtype, adapters=adapters,
+            kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype or default_kv_dtype(model.dtype),
+            adapters=adapters,
         )
         self._incoming: queue.SimpleQueue[RequestStream] = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -36,7 +36,7 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 class BlockPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.num_blocks, self.block_size = num_blocks, block_size
         # Head-major: one head's keys of a block lie together, as a sequence's attention reads them.
         shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
         # Left uninitialised: a slot is read only after its sequence wrote it, and untouched pages cost no memory,
