@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="short name (qwen2.5-coder:0.5b), Hugging Face id, or path to .gguf / folder")
     run.add_argument("prompt", nargs="?", help="the prompt; '-' reads it from stdin; omit for interactive chat")
     run.add_argument("--system", help="system prompt")
+    # also after the verb (`qwenkit run -v ...`); SUPPRESS keeps a `qwenkit -v run` count when it is absent here
+    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                     help="log more, and print the kernel plan first")
     run.add_argument("--think", dest="think", action="store_true", default=None, help="let Qwen3 models reason")
     run.add_argument("--no-think", dest="think", action="store_false", help="turn Qwen3 reasoning off")
     run.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, parameters, tensor types and context length of a model")
     info.add_argument("model")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--kernels", action="store_true",
+                      help="the kernel plan: which kernel each kind of layer runs on this CPU")
+    _quant_arg(info)
 
     bench = sub.add_parser("bench", help="measure prompt and decode tokens/s and peak memory")
     bench.add_argument("model")
@@ -163,6 +169,8 @@ def _load(args: argparse.Namespace):
 
     model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
     model.start_engine(kv_dtype=kv_dtype(args.kv_dtype))
+    if args.verbose:
+        print(model.describe_kernels(), file=sys.stderr)
     return model
 
 
@@ -233,6 +241,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     if c.is_moe:
         facts["experts"] = f"{c.num_experts_per_tok} of {c.num_experts}"
+    if args.kernels:
+        from qwenkit.quant.plan import KernelPlan
+
+        facts["kernels"] = KernelPlan.detect().describe(ckpt.tensors(), args.quant).splitlines()
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
@@ -241,6 +253,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             value = f"{value / 1e9:.2f}B ({value:,})"
         elif key == "tensor_types":
             value = ", ".join(f"{k} x{n}" for k, n in sorted(value.items()))
+        elif key == "kernels":
+            print("kernels:\n  " + "\n  ".join(value))
+            continue
         print(f"{key.replace('_', ' '):16} {value}")
     return 0
 

@@ -21,6 +21,7 @@ from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
+from qwenkit.quant.plan import KernelPlan
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Model:
         self.config = checkpoint.config
         started = time.perf_counter()
         self.quant = quant
+        self.kernel_plan = KernelPlan.detect()
         self.model = checkpoint.load_model(dtype, quant)
         self.load_seconds = time.perf_counter() - started
         self.tokenizer = checkpoint.tokenizer()
@@ -75,6 +77,12 @@ class Model:
         self._engine: Engine | None = None
         self._engine_options: dict[str, Any] = {}
         self._engine_lock = threading.RLock()
+
+    def describe_kernels(self) -> str:
+        """The kernel plan this model runs on (`qwenkit run -v`, `qwenkit info --kernels`)."""
+        engine = self._engine
+        return self.kernel_plan.describe(self.checkpoint.tensors(), self.quant, self.model.dtype,
+                                         engine.scheduler.pool.k[0].dtype if engine is not None else None)
 
     # ---- the engine ------------------------------------------------------------------------------------------
     def start_engine(self, **options) -> Engine:

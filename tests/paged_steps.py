@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from qwenkit.engine.engine import default_kv_dtype
+from qwenkit.quant.plan import default_kv_dtype
 from qwenkit.engine.paged import BlockPool, PagedBatch
 from qwenkit.quant.linear import decode_rows
 

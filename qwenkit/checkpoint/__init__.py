@@ -82,12 +82,17 @@ class Checkpoint:
         return sorted(set(ids))
 
     def tensor_types(self) -> dict[str, int]:
+        """How many tensors of each type (GGML type names, or safetensors dtypes)."""
+        counts: dict[str, int] = {}
+        for type_name, _ in self.tensors().values():
+            counts[type_name] = counts.get(type_name, 0) + 1
+        return counts
+
+    def tensors(self) -> dict[str, tuple[str, int]]:
+        """Every tensor's type (GGML type name, or safetensors dtype) and number of dimensions, by name."""
         if self.kind == "gguf":
-            counts: dict[str, int] = {}
-            for t in self._gguf.tensors.values():
-                counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
-            return counts
-        return self._weights.dtypes()
+            return {name: (t.qtype.name, len(t.shape)) for name, t in self._gguf.tensors.items()}
+        return {name: (self._weights.dtype(name), len(self._weights.shape(name))) for name in self._weights.names()}
 
     def parameter_count(self) -> int:
         if self.kind == "gguf":

@@ -106,6 +106,7 @@ def load_hf(
     folder: Path, config: ModelConfig, weights: SafetensorsFolder, dtype: torch.dtype, quant: str = "none"
 ) -> QwenForCausalLM:
     from qwenkit.quant import apply
+    from qwenkit.quant.plan import KernelPlan
 
     model = empty_model(config, dtype)
     target_of = lambda n: hf_target(n, config)  # noqa: E731
@@ -124,14 +125,16 @@ def load_hf(
 
 def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none") -> QwenForCausalLM:
     from qwenkit.quant import apply
+    from qwenkit.quant.plan import KernelPlan
 
     model = empty_model(config, dtype)
     target_of = lambda n: gguf_target(n, config)  # noqa: E731
     names = list(gguf.tensors)
     if quant != "none":
+        plan = KernelPlan.detect()
 
         def make_format(name: str):
-            fmt = apply.gguf_format(gguf, name, quant)
+            fmt = apply.gguf_format(gguf, name, quant, plan)
             gguf.release(name)
             return fmt
 

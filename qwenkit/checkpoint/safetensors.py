@@ -76,10 +76,5 @@ class SafetensorsFolder:
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
-    def dtypes(self) -> dict[str, int]:
-        """How many tensors of each dtype (for `qwenkit info`)."""
-        counts: dict[str, int] = {}
-        for name, shard in self._where.items():
-            dtype = self._handles[shard].get_slice(name).get_dtype()
-            counts[dtype] = counts.get(dtype, 0) + 1
-        return counts
+    def dtype(self, name: str) -> str:
+        return self._handles[self._where[name]].get_slice(name).get_dtype()

@@ -33,6 +33,7 @@ from qwenkit.engine.sampling import SamplingParams
 from qwenkit.engine.scheduler import EngineStats, Scheduler
 from qwenkit.errors import BadRequest, EngineStopped, Overloaded, QwenkitError
 from qwenkit.quant.linear import batch_invariant
+from qwenkit.quant.plan import default_kv_dtype
 
 if TYPE_CHECKING:
     from qwenkit.engine.adapters import AdapterSet
@@ -137,13 +138,6 @@ def _stop_running_engines() -> None:
     PyTorch then aborts the process: "terminate called without an active exception")."""
     for engine in list(_running):
         engine.shutdown(drain=False)
-
-
-def default_kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """float16 keys and values for a float32 model, as llama.cpp keeps them on the CPU: half the memory and half
-    the bytes each decode step reads, for a rounding far below the weights' own quantization. A bf16 or fp16
-    model keeps its own dtype."""
-    return torch.float16 if model_dtype == torch.float32 else model_dtype
 
 
 class Engine:

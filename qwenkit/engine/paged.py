@@ -2,7 +2,7 @@
 
 Keys and values of layer l live in `k[l]`, `v[l]` of shape [kv_heads, num_blocks * block_size, head_dim], by
 default float16 for a float32 model, as llama.cpp keeps them (half the bytes to read per token; see
-engine.default_kv_dtype). A sequence
+qwenkit.quant.plan.default_kv_dtype). A sequence
 owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`. Memory
 follows what sequences actually hold instead of max_batch x max_model_len.
 

@@ -1,2 +1,2 @@
-"""CPU kernels below the model: GGUF block matmuls (blocks), paged attention and RMSNorm (attention), built from
-csrc/ by the system compiler on first use (library), and what this CPU can do (cpu)."""
+"""The CPU kernels below the model: GGUF block matmuls, paged attention and norms in C (csrc/), compiled at install
+once per instruction set (build) and loaded for this CPU (library); what the CPU can do (cpu)."""

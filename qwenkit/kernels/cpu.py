@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
+    """The CPU's feature names as Linux's /proc/cpuinfo gives them ("flags" on x86, "Features" on Arm). Apple
+    silicon (no /proc) has NEON with the dot product on every chip."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return frozenset({"asimd", "asimddp"})
     return frozenset()
 
 
@@ -46,8 +52,3 @@ def has_fbgemm() -> bool:
 def vnni() -> bool:
     """Without VNNI, fbgemm's 8-bit products can saturate unless activations use 7 bits (reduce_range)."""
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
-
-
-def per_row_int8() -> bool:
-    """Whether int8 weights are kept with one scale per row, the layout the fused int8 kernels take."""
-    return native_bf16() or has_fbgemm()

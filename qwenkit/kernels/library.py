@@ -1,34 +1,44 @@
-"""The CPU kernels of csrc/ (GGUF block matmuls, paged attention, norms): built with the system C compiler on first
-use, cached, loaded by ctypes. qwenkit.kernels.blocks and qwenkit.kernels.attention wrap its functions.
+"""The CPU kernels of csrc/ (GGUF block matmuls, paged attention, norms), one shared library per instruction-set
+variant, loaded by ctypes. qwenkit.kernels.blocks, .attention and .norm wrap its functions.
 
-The library is compiled for this CPU (-march=native) into ``$QWENKIT_HOME/native/``, named by a hash of the
-source, the flags and the CPU's flags, so an edit or another machine gets its own build; building takes a couple
-of seconds and happens once. It links libgomp, which resolves to the copy PyTorch already loaded: its OpenMP
-loops run on PyTorch's threads.
+Every variant of this machine's architecture is compiled at install (qwenkit.kernels.build: avx512vnni, avxvnni,
+avx2 and reference on x86-64; neon and reference on Arm), and the best one this CPU executes is loaded once, as
+ggml chooses its CPU backend variants. So a build made on one machine runs at full speed on another, and a device
+needs no compiler. Every variant computes the same block matmuls bit for bit (csrc/simd.h).
 
-Where there is no compiler, or the CPU lacks AVX512-VNNI (the library then holds portable C only), `available()`
-is False and GGUF weights take the grouped int8/int4 path instead. QWENKIT_NATIVE=0 turns the kernels off.
+QWENKIT_KERNELS=<variant> loads that one instead (it must be built, and the CPU must execute it: avx2 on an AVX-512
+machine, to measure that path); QWENKIT_KERNELS=none turns the kernels off, and the PyTorch paths run. In a source
+checkout whose csrc/ changed since the build, the libraries are rebuilt on first use where a compiler exists.
+
+The libraries link libgomp, which resolves to the copy PyTorch already loaded: their OpenMP loops run on
+PyTorch's threads.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
+import json
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
+from qwenkit.errors import BadConfig
+from qwenkit.kernels import build
 from qwenkit.kernels.cpu import cpu_flags
 
 log = logging.getLogger("qwenkit.kernels")
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = sorted(CSRC.glob("*.c"))
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-std=c11"]
+ENV = "QWENKIT_KERNELS"
+OFF = ("none", "off", "0")
+# The CPU features each variant's flags assume (as /proc/cpuinfo names them).
+_V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}
+REQUIRES = {
+    "avx512vnni": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
+    "avxvnni": _V3 | {"avx_vnni"},
+    "avx2": _V3,
+    "neon": {"asimddp"},
+    "reference": set(),
+}
 
 _ERRORS = {1: "unsupported block type", 2: "bad shape (rows not whole blocks, or heads not grouped evenly)",
            3: "out of memory", 4: "row id or slot out of range"}
@@ -40,54 +50,63 @@ class Part(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("type", ctypes.c_int64), ("rows", ctypes.c_int64)]
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+def runnable(variant: str) -> bool:
+    """Whether this CPU executes the variant's instructions."""
+    return REQUIRES.get(variant, {"?"}) <= cpu_flags()
 
 
-def _build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+def _built() -> list[str]:
+    """The variants built for this machine, rebuilt first where a source checkout changed since its build."""
+    manifest_path = build.LIB_DIR / build.MANIFEST
     try:
-        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent build (another process) ends with one complete file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if manifest is not None and manifest.get("sources") != build.source_hash() and build.compiler() \
+            and os.access(build.LIB_DIR, os.W_OK):
+        log.info("the kernel sources changed since their build: rebuilding them")
+        manifest = {"variants": build.build_all(log=log.info), "sources": build.source_hash()}
+    if manifest is None or manifest.get("sources") != build.source_hash():
+        return []
+    return [v for v in manifest.get("variants", []) if (build.LIB_DIR / build.library_name(v)).exists()]
 
 
-def _library_path(cc: str) -> Path:
-    from qwenkit.hub.cache import home
-
-    key = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in sorted(CSRC.glob("*.[ch]"))), " ".join([cc, *FLAGS]).encode(),
-                 " ".join(sorted(cpu_flags())).encode()):
-        key.update(part)
-    return home() / "native" / f"qwenkit-kernels-{key.hexdigest()[:16]}.so"
+@functools.cache
+def selected() -> str | None:
+    """The variant this process runs (decided once), or None where none is built or QWENKIT_KERNELS=none."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced in OFF:
+        return None
+    built = _built()
+    if forced:
+        if forced not in build.variants():
+            raise BadConfig(f"{ENV}={forced}: no such kernel variant on {build.machine()} "
+                            f"(one of {', '.join(build.variants())}, or none)")
+        if forced not in built:
+            raise BadConfig(f"{ENV}={forced}: that variant was not built here (built: {', '.join(built) or 'none'})")
+        if not runnable(forced):
+            missing = sorted(REQUIRES[forced] - cpu_flags())
+            raise BadConfig(f"{ENV}={forced}: this CPU cannot execute it (it lacks {', '.join(missing)})")
+        return forced
+    for variant in build.variants():
+        if variant in built and runnable(variant):
+            return variant
+    log.warning("no CPU kernels are built for this machine (reinstall qwenkit with a C compiler present): GGUF "
+                "blocks run on the grouped int8/int4 kernels, attention and norms in PyTorch")
+    return None
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (with one warning) where it cannot be built here."""
-    cc = _compiler()
-    if cc is None:
-        log.warning("no C compiler found: GGUF blocks run on the grouped int8/int4 kernels instead, attention in torch")
+    """The loaded kernel library of the selected variant, or None."""
+    variant = selected()
+    if variant is None:
         return None
-    path = _library_path(cc)
-    try:
-        if not path.exists():
-            log.info("building the CPU kernels (%s)", path.name)
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError) as e:
-        log.warning("the CPU kernels could not be built (%s): using the grouped int8/int4 kernels", e)
-        return None
+    lib = ctypes.CDLL(str(build.LIB_DIR / build.library_name(variant)))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qk_variant.restype = ctypes.c_char_p
+    if lib.qk_variant().decode() != variant:
+        raise RuntimeError(f"{build.library_name(variant)} holds the {lib.qk_variant().decode()} kernels")
     lib.qk_matmul.argtypes = [ctypes.POINTER(Part), i32, p, i64, i64, p, i32]
     lib.qk_dequantize.argtypes = [p, i32, i64, i64, p, i64, p, i32, i32]
     lib.qk_repack.argtypes = lib.qk_unpack.argtypes = [p, i32, i64, i64, p]
@@ -95,19 +114,16 @@ def library() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.qk_paged_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64,
                                        p, p, p, p, i64, f32, p, i32]
-    lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_simd.restype = lib.qk_paged_attention.restype = i32
+    lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_paged_attention.restype = i32
     lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]
     lib.qk_rms_norm.restype = i32
+    log.info("CPU kernels: %s", variant)
     return lib
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the fast kernels run here (QWENKIT_NATIVE=0: never, to test the other path); decided once."""
-    if os.environ.get("QWENKIT_NATIVE") == "0":
-        return False
-    lib = library()
-    return lib is not None and lib.qk_simd() == 1
+    """Whether the C kernels run in this process."""
+    return library() is not None
 
 
 def check(rc: int, what: str) -> None:

@@ -1,16 +1,16 @@
 """Putting compact weights into a model as it loads (`--quant auto|int8|int4|none`), then fusing projections.
 
 - auto: quantized GGUF tensors stay compact. Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K stay in the file's own blocks,
-  run by the block kernels (qwenkit.quant.blocks), where those are built for this CPU; the other quantized types,
-  and all of them elsewhere, become int4 (4-bit types: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K; exact) or int8. Float
-  weights stay float.
+  run by the block kernels (qwenkit.quant.blocks) wherever a kernel variant is built (every install with a C
+  compiler); the other quantized types, and all of them elsewhere, become int4 (4-bit types: Q4_0, Q4_1, Q4_K,
+  Q3_K, Q2_K; exact) or int8. Float weights stay float.
 - int8: every linear weight as int8.
 - int4: every linear weight as int4 in groups of 32 (exact for 4-bit types; others re-quantized, with some loss).
 - none: fp32 (or the requested dtype) everywhere: the reference path.
 
-The int8 layout follows the CPU (qwenkit.kernels.cpu): where a fused int8 kernel exists (native bf16, or fbgemm on
-x86), one scale per row (5- to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept exactly in
-groups (Q8_0/Q5_x/Q6_K map one to one) for our compiled fp32 kernel.
+The int8 layout follows the kernel plan (qwenkit.quant.plan): where a fused int8 kernel exists (native bf16, or
+fbgemm on x86), one scale per row (5- to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept
+exactly in groups (Q8_0/Q5_x/Q6_K map one to one) for our compiled fp32 kernel.
 
 Only dense linear weights are quantized (attention, MLP, shared expert, the head, and the embedding table); the MoE
 router and stacked experts stay in float.
@@ -26,14 +26,12 @@ from torch import nn
 
 from qwenkit.checkpoint import quants
 from qwenkit.errors import BadCheckpoint, BadRequest
-from qwenkit.kernels import blocks as block_kernels
-from qwenkit.kernels.cpu import per_row_int8
-from qwenkit.kernels.library import available
 from qwenkit.quant.blocks import BlockLinear, BlockWeight, joined_bias
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
 from qwenkit.quant.from_gguf import CONVERTIBLE, convert, target_format
 from qwenkit.quant.fuse import _as_int8, concat_rows
 from qwenkit.quant.linear import QuantEmbedding, QuantLinear
+from qwenkit.quant.plan import KernelPlan
 from qwenkit.quant.quantize import quantize_int4, quantize_int8
 
 QUANT_MODES = ("auto", "int8", "int4", "none")
@@ -53,17 +51,19 @@ def is_quantizable(param: str) -> bool:
 
 def _int8(weight: torch.Tensor) -> Int8Grouped:
     """int8 for float weights: one scale per row where a fused kernel runs it, else groups of 32."""
-    return quantize_int8(weight, None if per_row_int8() else FLOAT_GROUP)
+    return quantize_int8(weight, None if KernelPlan.detect().per_row_int8 else FLOAT_GROUP)
 
 
 def _int4(weight: torch.Tensor) -> Int4Grouped:
     return quantize_int4(weight, FLOAT_GROUP)
 
 
-def gguf_format(gguf, name: str, mode: str) -> BlockWeight | Int8Grouped | Int4Grouped | None:
-    """The compact form of GGUF tensor `name` under `mode`, or None to keep it in float."""
+def gguf_format(gguf, name: str, mode: str,
+                plan: KernelPlan | None = None) -> BlockWeight | Int8Grouped | Int4Grouped | None:
+    """The compact form of GGUF tensor `name` under `mode` and the kernel plan, or None to keep it in float."""
+    plan = plan or KernelPlan.detect()
     t = gguf.tensors[name]
-    if mode == "auto" and len(t.shape) == 2 and block_kernels.supports(t.qtype) and available():
+    if mode == "auto" and len(t.shape) == 2 and plan.block_kernel(t.qtype):
         n, k = t.shape
         blocks = torch.from_numpy(np.array(gguf.raw(name), dtype=np.uint8).reshape(n, -1))  # a copy: the map goes
         return BlockWeight(blocks, int(t.qtype), (n, k))
@@ -75,7 +75,7 @@ def gguf_format(gguf, name: str, mode: str) -> BlockWeight | Int8Grouped | Int4G
         mode = "int4" if four_bit else "int8"
     if mode == "int4":
         return convert(gguf.raw(name), t.qtype, t.shape) if four_bit else _requantize_rows(gguf, name, _int4)
-    if native_type and not per_row_int8():
+    if native_type and not plan.per_row_int8:
         return _as_int8(convert(gguf.raw(name), t.qtype, t.shape))  # exact grouped int8
     return _requantize_rows(gguf, name, _int8)
 
@@ -158,6 +158,6 @@ def _joined(layers: list[QuantLinear]) -> Int8Grouped | Int4Grouped:
     brought to that form, so the joined layer keeps the fast kernel."""
     formats = [layer.format for layer in layers]
     per_row = [layer.kind == "int8" and layer.group == layer.in_features for layer in layers]
-    if per_row_int8() and any(per_row) and not all(per_row):
+    if KernelPlan.detect().per_row_int8 and any(per_row) and not all(per_row):
         formats = [f if row else quantize_int8(f.dequantize(), None) for f, row in zip(formats, per_row)]
     return concat_rows(formats)

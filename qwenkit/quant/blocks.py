@@ -20,8 +20,8 @@ from torch import nn
 
 from qwenkit.checkpoint.quants import GGMLType
 from qwenkit.kernels import blocks as block_kernels
-from qwenkit.kernels.cpu import native_bf16
 from qwenkit.quant.linear import FUSED_MAX_ROWS, rows_then_matrix
+from qwenkit.quant.plan import KernelPlan
 
 
 @dataclass
@@ -77,7 +77,7 @@ class BlockLinear(nn.Module):
         for i, (blocks, _) in enumerate(kernel_parts):
             self.register_buffer(f"blocks{i}", blocks)
         self.kind = "+".join(dict.fromkeys(type_names))  # what benchmarks and repr report
-        self.bf16 = native_bf16()
+        self.bf16 = KernelPlan.detect().bf16
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[tuple[int, ...], block_kernels.Parts] | None = None
 

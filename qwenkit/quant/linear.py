@@ -1,6 +1,6 @@
 """Linear and embedding layers over the compact weight formats (Int8Grouped, Int4Grouped).
 
-Which kernel runs depends on the format, the CPU (see qwenkit.kernels.cpu) and the rows: inside the engine, tokens
+Which kernel runs depends on the format, the kernel plan (qwenkit.quant.plan) and the rows: inside the engine, tokens
 the model generated take the row kernels and prompt tokens the matrix kernel (decode_rows); elsewhere (scoring,
 training) few rows take the row kernels and many the matrix kernel.
 - row kernels (up to GEMV_MAX_ROWS rows a call, or FUSED_MAX_ROWS for the fused kernels):
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit._scoped import scoped
-from qwenkit.kernels.cpu import has_fbgemm, native_bf16, vnni
 from qwenkit.quant import kernels, tinygemm
 from qwenkit.quant.formats import Int4Grouped, Int8Grouped
+from qwenkit.quant.plan import KernelPlan
 
 GEMV_MAX_ROWS = 4  # up to this many activation rows, our compiled kernels read the packed weights directly
 # Up to this many rows, PyTorch's fused int8/int4 kernels, and fbgemm within batch_invariant(), compute each row
@@ -84,22 +84,24 @@ def batch_invariant_enabled() -> bool:
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, weight: Int8Grouped | Int4Grouped, bias: torch.Tensor | None = None):
+    def __init__(self, weight: Int8Grouped | Int4Grouped, bias: torch.Tensor | None = None,
+                 plan: KernelPlan | None = None):
         super().__init__()
+        plan = plan or KernelPlan.detect()
         n, k = weight.shape
         self.out_features, self.in_features, self.group = n, k, weight.group
-        self.bf16 = native_bf16()
+        self.bf16, self.vnni = plan.bf16, plan.vnni
         self.packed = None  # fbgemm's packed weight, when that engine runs this layer's decode
         if isinstance(weight, Int8Grouped):
             self.kind, data = "int8", weight.q
-            per_row = weight.group == k and weight.offset is None
-            self.fused_kernel = self.bf16 and per_row and not has_fbgemm()
-            if per_row and has_fbgemm():
+            kernel = plan.int8_kernel(per_row=weight.group == k and weight.offset is None)
+            self.fused_kernel = kernel == "int8pack"
+            if kernel == "fbgemm":
                 self.packed = _fbgemm_pack(weight)
                 self.register_buffer("row_sums", weight.q.sum(dim=1, dtype=torch.float32) * weight.scale[:, 0])
         else:
             self.kind = "int4"
-            self.fused_kernel = self.bf16 and tinygemm.supported(n, k, weight.group)
+            self.fused_kernel = plan.int4_kernel(n, k, weight.group) == "tinygemm"
             data = tinygemm.pack(weight.unpack()) if self.fused_kernel else weight.packed
         self.register_buffer("data", data)
         self.register_buffer("scale", weight.scale)
@@ -171,9 +173,9 @@ class QuantLinear(nn.Module):
         """Few rows, on the kernels that read the compact weight."""
         invariant = batch_invariant_enabled()
         if self.packed is not None and invariant:
-            y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums).to(x2.dtype)
+            y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums, self.vnni).to(x2.dtype)
         elif self.packed is not None:
-            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not vnni()).to(x2.dtype)
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not self.vnni).to(x2.dtype)
         elif self.fused_kernel and self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.data, self.kernel_scale)
             y = y.to(x2.dtype) * self.scale[:, 0]
@@ -196,7 +198,7 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def _fbgemm_per_row(x: torch.Tensor, packed, row_sums: torch.Tensor) -> torch.Tensor:
+def _fbgemm_per_row(x: torch.Tensor, packed, row_sums: torch.Tensor, vnni: bool) -> torch.Tensor:
     """fbgemm's dynamic int8 linear with every activation row quantized on its own range (batch invariance).
 
     fbgemm quantizes the whole batch with one range, so in a server batch one request's outliers would cost the
@@ -211,7 +213,7 @@ def _fbgemm_per_row(x: torch.Tensor, packed, row_sums: torch.Tensor) -> torch.Te
     half = ((hi - lo) * 0.5).clamp_min_(1e-30)
     u = (x - mid).div_(half).clamp_(-1.0, 1.0)
     u.scatter_(1, lo_at, -1.0).scatter_(1, hi_at, 1.0)  # rounding must not leave a row short of the full range
-    y = torch.ops.quantized.linear_dynamic(u, packed, not vnni())
+    y = torch.ops.quantized.linear_dynamic(u, packed, not vnni)
     return torch.addcmul(mid * row_sums, y, half)
 
 

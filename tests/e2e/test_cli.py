@@ -452,6 +452,48 @@ def test_real_model_translates(env, default_gguf):
 
 @pytest.mark.real_weights
 @pytest.mark.slow
+def kernel_rows(out: str) -> tuple[dict[str, str], dict[str, str]]:
+    """`info --kernels` output: the plan's header rows, and each tensor line's kernels by tensor name."""
+    plan = out.split("kernels:\n", 1)[1]
+    header = dict(line.strip().split(": ", 1) for line in plan.splitlines() if not line.startswith("    "))
+    tensors = {line.split()[0]: line for line in plan.splitlines() if line.startswith("    ")}
+    return header, tensors
+
+
+@pytest.mark.parametrize("forced", [None, "reference", "none"])
+def test_info_kernels_prints_the_plan(env, tiny, forced):
+    from qwenkit.kernels import library
+
+    env = dict(env)
+    if forced is not None:
+        env["QWENKIT_KERNELS"] = forced
+    r = run_cli("info", str(tiny["gguf"]), "--kernels", env=env)
+    assert r.rc == 0 and r.err == "", str(r)
+    header, tensors = kernel_rows(r.out)
+    variant = {None: library.selected(), "reference": "reference", "none": None}[forced]
+    if forced == "reference" and not (library.build.LIB_DIR / library.build.library_name("reference")).exists():
+        pytest.skip("the reference kernels were not built")
+    assert header["kernel variant"].startswith(variant or "none (PyTorch paths)")
+    assert header["kv cache"] == "float16"
+    q_proj = tensors["blk.*.attn_q.weight"]
+    if variant:
+        assert f"Q8_0 blocks x int8 (C {variant})" in q_proj and header["attention"] == f"paged, C {variant}"
+    else:
+        assert "int8, " in q_proj and "PyTorch" in header["attention"]
+    assert "vector" in tensors["blk.*.attn_norm.weight"]
+
+
+def test_info_kernels_refuses_an_unknown_variant(env, tiny):
+    r = run_cli("info", str(tiny["gguf"]), "--kernels", env={**env, "QWENKIT_KERNELS": "sse9"})
+    assert_one_error_line(r, "QWENKIT_KERNELS=sse9", "one of")
+
+
+def test_run_verbose_prints_the_kernel_plan(env, tiny):
+    r = run_cli("run", str(tiny["gguf"]), "hi", "-v", "--max-tokens", "2", "--temperature", "0", env=env)
+    assert r.rc == 0, str(r)
+    assert "kernel variant: " in r.err and "blk.*.ffn_down.weight" in r.err
+
+
 def test_real_model_info_from_the_default_cache(env, monkeypatch):
     from qwenkit import hub
 

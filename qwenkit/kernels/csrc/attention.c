@@ -6,6 +6,9 @@
  * give the same text when a prompt's keys come from the prefix cache. (SDPA for the chunk and a separate decode
  * kernel differ in the last bits, which 8-bit activation rounding downstream can turn into another sampled token.)
  *
+ * Built in every variant of simd.h (qwenkit.kernels.build); sums run in other orders on different variants, so
+ * results agree across CPUs within float32 rounding, not bit for bit (the block matmuls do agree bit for bit).
+ *
  * One task per (query row, key/value head): its keys are read once for all the query heads that share them
  * (grouped-query attention), then its values once per block of up to four heads. Softmax in float32 with a
  * vectorised exp. The paged pool is read where it lies, each key through its slot, so nothing is gathered,
@@ -16,37 +19,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <omp.h>
-
 #include "common.h"
+#include "simd.h"
 
+/* AVX-512 where the variant has it; 8 lanes of simd.h on the AVX2, AVX-VNNI and NEON variants; plain C otherwise. */
 #if defined(__AVX512F__) && defined(__F16C__)
-#include <immintrin.h>
 #define QK_AVX512 1
 #else
 #define QK_AVX512 0
+#endif
+#if !QK_AVX512 && !defined(QK_REFERENCE)
+#define QK_VEC8 1
+#else
+#define QK_VEC8 0
 #endif
 
 #if QK_AVX512
 INLINE __m512 load16(const void *p, int half) {
     return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
-}
-
-/* exp(x) for x <= 0 (scores minus their maximum): 2^n * p(f), |relative error| < 2e-7. */
-INLINE __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 #endif
 
@@ -75,14 +65,14 @@ INLINE void softmax_rows(const RowTask *a) {
         const int64_t n = a->n;
         for (int64_t t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
         int64_t t = 0;
-#if QK_AVX512
-        __m512 vsum = _mm512_setzero_ps();
-        for (; t + 16 <= n; t += 16) {
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), _mm512_set1_ps(mx)));
-            _mm512_storeu_ps(sg + t, e);
-            vsum = _mm512_add_ps(vsum, e);
+#if !defined(QK_REFERENCE) /* 8 lanes of simd.h on every vector variant: the exps are a small part of the work */
+        vf vsum = zero_f();
+        for (; t + 8 <= n; t += 8) {
+            const vf e = exp_f(sub_f(load_f(sg + t), set1_f(mx)));
+            store_f(sg + t, e);
+            vsum = add_f(vsum, e);
         }
-        sum = _mm512_reduce_add_ps(vsum);
+        sum = hsum_f(vsum);
 #endif
         for (; t < n; t++) {
             sg[t] = expf(sg[t] - mx);
@@ -200,6 +190,49 @@ INLINE void row_avx512(const RowTask *a, const int half) {
 }
 #endif
 
+#if QK_VEC8
+INLINE vf load8(const void *p, int half) { return half ? load_h8(p) : load_f((const float *)p); }
+
+/* D a multiple of 8. Scores four keys at a time (four independent chains of multiply-adds), values one head at a
+ * time in column blocks of up to 64 (eight accumulators). */
+INLINE void row_vec8(const RowTask *a, const int half) {
+    const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
+    for (int64_t g = 0; g < G; g++) {
+        const float *qh = a->q + g * a->hs;
+        float *sg = a->s + g * n;
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+            vf acc[4] = {zero_f(), zero_f(), zero_f(), zero_f()};
+            for (int64_t j = 0; j < D; j += 8) {
+                const vf qj = load_f(qh + j);
+                for (int i = 0; i < 4; i++)
+                    acc[i] = fmadd_f(qj, load8(a->k + AT(a, t + i, esize) + j * esize, half), acc[i]);
+            }
+            for (int i = 0; i < 4; i++) sg[t + i] = hsum_f(acc[i]) * a->scale;
+        }
+        for (; t < n; t++) {
+            vf acc = zero_f();
+            for (int64_t j = 0; j < D; j += 8)
+                acc = fmadd_f(load_f(qh + j), load8(a->k + AT(a, t, esize) + j * esize, half), acc);
+            sg[t] = hsum_f(acc) * a->scale;
+        }
+    }
+    softmax_rows(a);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j0 = 0; j0 < D; j0 += 64) {
+            const int nc = (int)((D - j0 < 64 ? D - j0 : 64) / 8);
+            vf acc[8];
+            for (int c = 0; c < nc; c++) acc[c] = zero_f();
+            for (int64_t t = 0; t < n; t++) {
+                const char *vt = a->v + AT(a, t, esize) + j0 * esize;
+                const vf p = set1_f(a->s[g * n + t]);
+                for (int c = 0; c < nc; c++) acc[c] = fmadd_f(p, load8(vt + 8 * c * esize, half), acc[c]);
+            }
+            for (int c = 0; c < nc; c++) store_f(a->out + g * a->hs + j0 + 8 * c, acc[c]);
+        }
+}
+#endif
+
 /* RMSNorm of one row of `dim`: out = (x * (1 / sqrt(mean(x^2) + eps))) * w. */
 static void rms_row(const float *x, const float *w, int64_t dim, float eps, float *out) {
     float ss = 0.0f;
@@ -211,6 +244,13 @@ static void rms_row(const float *x, const float *w, int64_t dim, float eps, floa
         acc = _mm512_fmadd_ps(v, v, acc);
     }
     ss = _mm512_reduce_add_ps(acc);
+#elif QK_VEC8
+    vf acc = zero_f();
+    for (; j + 8 <= dim; j += 8) {
+        const vf v = load_f(x + j);
+        acc = fmadd_f(v, v, acc);
+    }
+    ss = hsum_f(acc);
 #endif
     for (; j < dim; j++) ss += x[j] * x[j];
     const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
@@ -300,6 +340,13 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
                 row_avx512(&a, 1);
             else
                 row_avx512(&a, 0);
+        } else
+#elif QK_VEC8
+        if (D % 8 == 0) {
+            if (half)
+                row_vec8(&a, 1);
+            else
+                row_vec8(&a, 0);
         } else
 #endif
             row_portable(&a, half);

@@ -3,32 +3,25 @@
  * The weights stay in the file's own bytes: nothing is converted at load, and a decode step reads exactly as many
  * weight bytes as llama.cpp does. The activations are quantized per 32 values to int8 with a float scale (as
  * llama.cpp's Q8_0, finer than its Q8_K for the K-quants), then each weight block's integers meet the activation's
- * in vpdpbusd (AVX512-VNNI): unsigned weight values times signed activations, summed in int32, scaled in fp32. A
+ * in an integer dot product (simd.h: vpdpbusd, vpmaddubsw, sdot or plain C), summed in int32, scaled in fp32. A
  * zero point (Q4_0's 8, Q6_K's 32, the K-quants' mins) costs one multiply-add per block against the activation
  * block's sum, computed once per call.
  *
  * Every activation row is computed on its own, by the same instructions whatever the number of rows: a row's
- * result does not depend on its batch (the serving engine relies on it).
+ * result does not depend on its batch (the serving engine relies on it). And every variant (simd.h) computes the
+ * same bits, so it does not depend on the CPU either.
  *
- * Built by qwenkit.kernels.library with -O3 -march=native -fopenmp -ffp-contract=off; OpenMP here is PyTorch's own
- * libgomp (same soname, loaded first), so these loops share PyTorch's threads instead of fighting them for cores.
- * Without AVX512-VNNI the same functions run portable C (correct, slower); qk_simd() says which was built.
+ * Built once per variant by qwenkit.kernels.build (-O3 -fopenmp -ffp-contract=off and the variant's flags); OpenMP
+ * here is PyTorch's own libgomp (same soname, loaded first), so these loops share PyTorch's threads instead of
+ * fighting them for cores.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <omp.h>
-
 #include "common.h"
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__)
-#include <immintrin.h>
-#define QK_VNNI 1
-#else
-#define QK_VNNI 0
-#endif
+#include "simd.h"
 
 enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 /* A part's type | X8: its rows come in groups of 8 interleaved block by block (see qk_repack), so one vector
@@ -41,15 +34,6 @@ enum { QK_OK = 0, QK_BAD_TYPE = 1, QK_BAD_SHAPE = 2, QK_NO_MEMORY = 3, QK_BAD_RO
 
 /* ---- scalars -------------------------------------------------------------------------------------------- */
 
-INLINE float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#if QK_VNNI
-    return _cvtsh_ss(h);
-#else
-    return half_bits_to_float(h);
-#endif
-}
 
 INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
     uint32_t u;
@@ -143,7 +127,7 @@ static void deinterleave_block(int type, const uint8_t *src, int r, uint8_t *out
 
 /* The first n - n % 8 rows of a [n, k] tensor interleaved by 8 (the rest copied as they are) into dst, same size. */
 int qk_repack(const uint8_t *src, int type, int64_t n, int64_t k, uint8_t *dst) {
-    if (!QK_VNNI || !interleavable(type)) return QK_BAD_TYPE; /* only the VNNI kernels read the interleaved form */
+    if (!interleavable(type)) return QK_BAD_TYPE;
     if (k <= 0 || k % 32) return QK_BAD_SHAPE;
     const int bb = block_bytes(type);
     const int64_t nb = k / 32, row_bytes = nb * bb, groups = n / 8;
@@ -249,7 +233,7 @@ static void dequantize_block(int type, const uint8_t *b, float *out) {
     }
 }
 
-#if QK_VNNI
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 /* float_to_bf16 on 16 lanes. */
 INLINE __m256i bf16_16(__m512 y) {
     const __m512i u = _mm512_castps_si512(y);
@@ -321,7 +305,7 @@ int qk_dequantize(const uint8_t *w, int type, int64_t n, int64_t k, const int64_
         for (int64_t i = 0; i < n_ids; i++)
             if (ids[i] < 0 || ids[i] >= n) return QK_BAD_ROW;
     if (n_threads < 1) n_threads = 1;
-#if QK_VNNI
+#if defined(__AVX512F__) && defined(__AVX512BW__)
     if (!ids && (type == (T_Q4_0 | X8) || type == (T_Q8_0 | X8))) { /* whole weights of the interleaved types */
         const int64_t group_bytes = 8 * nb * block_bytes(type), bb8 = 8 * block_bytes(type);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -393,88 +377,67 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
 /* ---- one weight row against up to MAX_M activation rows ------------------------------------------------- */
 /* Each kernel writes y[r * stride] for r < M. M is a compile-time constant at every call (see row_dot). */
 
-#if QK_VNNI
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-INLINE __m256i nibbles_32(const uint8_t *p) { /* 16 bytes -> 32 values: low nibbles first, as Q4_0/Q5_0 */
-    const __m128i t = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
-}
-
 /* acc[r] += float(dot(wq, x_r)) * (ws * d_r); off[r] += wo * s_r. One block of 32, unsigned weight values. */
 #define BLOCK_32(wq, ws, wo, blk)                                                                                \
     for (int r = 0; r < M; r++) {                                                                                \
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * (blk)));            \
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), (wq), x);                                \
+        const vi8 x = load_i8(a->q + (m0 + r) * a->k + 32 * (blk));                                              \
+        const vi32 dot = dot_us(zero_i32(), (wq), x);                                                            \
         const int64_t at = (m0 + r) * nb32 + (blk);                                                              \
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps((ws) * a->d[at]), acc[r]);              \
+        acc[r] = fmadd_f(cvt_f(dot), set1_f((ws) * a->d[at]), acc[r]);                                           \
         off[r] += (wo) * a->s[at];                                                                               \
     }
 
 INLINE void row_q4_5_0(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride,
                        const int five) { /* Q4_0, or Q5_0 (the same plus a fifth bit per value) */
     const int64_t nb32 = a->k / 32;
-    __m256 acc[MAX_M];
+    vf acc[MAX_M];
     float off[MAX_M];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int r = 0; r < M; r++) acc[r] = zero_f(), off[r] = 0.0f;
     for (int64_t b = 0; b < nb32; b++, w += five ? 22 : 18) {
         const float d = half_to_float(w);
-        __m256i q = nibbles_32(w + (five ? 6 : 2));
+        vi8 q = nibbles_32(w + (five ? 6 : 2));
         if (five) {
             uint32_t qh;
             memcpy(&qh, w + 2, 4);
-            q = _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16)); /* bit j: value j's fifth bit */
+            q = or_i8(q, and_i8(bits_to_bytes(qh), set1_i8(16))); /* bit j: value j's fifth bit */
         }
         BLOCK_32(q, d, d, b)
     }
-    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - (five ? 16.0f : 8.0f) * off[r];
+    for (int r = 0; r < M; r++) y[r * stride] = hsum_f(acc[r]) - (five ? 16.0f : 8.0f) * off[r];
 }
 
 INLINE void row_q8_0(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride) {
-    /* Signed weights: x * w = (x + 128) * w - 128 * w, with x + 128 the unsigned operand. */
     const int64_t nb32 = a->k / 32;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256 acc[MAX_M];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+    vf acc[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = zero_f();
     for (int64_t b = 0; b < nb32; b++, w += 34) {
         const float d = half_to_float(w);
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
-        const __m256i bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, q);
+        const vi8 q = load_i8(w + 2);
         for (int r = 0; r < M; r++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * b));
-            const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(x, flip), q);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, bias)),
-                                     _mm256_set1_ps(d * a->d[(m0 + r) * nb32 + b]), acc[r]);
+            const vi32 dot = dot_ss(zero_i32(), q, load_i8(a->q + (m0 + r) * a->k + 32 * b));
+            acc[r] = fmadd_f(cvt_f(dot), set1_f(d * a->d[(m0 + r) * nb32 + b]), acc[r]);
         }
     }
-    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]);
+    for (int r = 0; r < M; r++) y[r * stride] = hsum_f(acc[r]);
 }
 
 INLINE void row_qk45(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride,
                      const int five) {
     const int64_t nb32 = a->k / 32, bytes = five ? 176 : 144;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16);
-    __m256 acc[MAX_M];
+    const vi8 m4 = set1_i8(0x0F), b16 = set1_i8(16);
+    vf acc[MAX_M];
     float off[MAX_M];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int r = 0; r < M; r++) acc[r] = zero_f(), off[r] = 0.0f;
     for (int64_t sb = 0; sb < nb32 / 8; sb++, w += bytes) {
         const float d = half_to_float(w), dmin = half_to_float(w + 2);
         const uint8_t *qs = w + (five ? 48 : 16);
-        const __m256i hbits = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        const vi8 hbits = five ? load_i8(w + 16) : set1_i8(0);
         for (int i = 0; i < 4; i++) {
-            const __m256i t = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
-            __m256i lo = _mm256_and_si256(t, m4), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+            const vi8 t = load_i8(qs + 32 * i);
+            vi8 lo = and_i8(t, m4), hi = and_i8(SRL_I8(t, 4), m4);
             if (five) {
-                lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(hbits, _mm256_set1_epi8((char)(1 << (2 * i)))),
-                                          lo, b16);
-                hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(hbits, _mm256_set1_epi8((char)(2 << (2 * i)))),
-                                          hi, b16);
+                lo = or_i8(lo, and_i8(test_i8(hbits, set1_i8((int8_t)(1 << (2 * i)))), b16));
+                hi = or_i8(hi, and_i8(test_i8(hbits, set1_i8((int8_t)(2 << (2 * i)))), b16));
             }
             uint8_t sc, mn;
             scale_min_k4(2 * i, w + 4, &sc, &mn);
@@ -483,45 +446,40 @@ INLINE void row_qk45(const uint8_t *w, const acts *a, int64_t m0, const int M, f
             BLOCK_32(hi, d * (float)sc, dmin * (float)mn, 8 * sb + 2 * i + 1)
         }
     }
-    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - off[r];
+    for (int r = 0; r < M; r++) y[r * stride] = hsum_f(acc[r]) - off[r];
 }
 
 INLINE void row_q6_k(const uint8_t *w, const acts *a, int64_t m0, const int M, float *y, int64_t stride) {
     const int64_t nb32 = a->k / 32;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    __m256 acc[MAX_M];
+    const vi8 m4 = set1_i8(0x0F), m30 = set1_i8(0x30);
+    vf acc[MAX_M];
     float off[MAX_M];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int r = 0; r < M; r++) acc[r] = zero_f(), off[r] = 0.0f;
     for (int64_t sb = 0; sb < nb32 / 8; sb++, w += 210) {
         const float d = half_to_float(w + 208);
         const int8_t *scales = (const int8_t *)(w + 192);
         for (int n = 0; n < 2; n++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * n));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * n + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * n));
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+            const vi8 l0 = load_i8(w + 64 * n), l1 = load_i8(w + 64 * n + 32), h = load_i8(w + 128 + 32 * n);
+            vi8 q[4];
+            q[0] = or_i8(and_i8(l0, m4), and_i8(SHL_I8(h, 4), m30));
+            q[1] = or_i8(and_i8(l1, m4), and_i8(SHL_I8(h, 2), m30));
+            q[2] = or_i8(and_i8(SRL_I8(l0, 4), m4), and_i8(h, m30));
+            q[3] = or_i8(and_i8(SRL_I8(l1, 4), m4), and_i8(SRL_I8(h, 2), m30));
             for (int g = 0; g < 4; g++) {
                 /* 32 values, two sub-blocks of 16 with their own scales: lanes 0-3 and 4-7 of the dot. */
                 const float s0 = d * (float)scales[8 * n + 2 * g], s1 = d * (float)scales[8 * n + 2 * g + 1];
-                const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+                const vf sv = set2_f(s0, s1);
                 const int64_t blk = 8 * sb + 4 * n + g;
                 for (int r = 0; r < M; r++) {
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (m0 + r) * a->k + 32 * blk));
-                    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[g], x);
+                    const vi32 dot = dot_us(zero_i32(), q[g], load_i8(a->q + (m0 + r) * a->k + 32 * blk));
                     const int64_t at = (m0 + r) * nb32 + blk;
-                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sv), _mm256_set1_ps(a->d[at]),
-                                             acc[r]);
+                    acc[r] = fmadd_f(mul_f(cvt_f(dot), sv), set1_f(a->d[at]), acc[r]);
                     off[r] += s0 * a->s16[2 * at] + s1 * a->s16[2 * at + 1];
                 }
             }
         }
     }
-    for (int r = 0; r < M; r++) y[r * stride] = hsum(acc[r]) - 32.0f * off[r];
+    for (int r = 0; r < M; r++) y[r * stride] = hsum_f(acc[r]) - 32.0f * off[r];
 }
 
 INLINE void row_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
@@ -541,62 +499,50 @@ INLINE void row_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, co
 INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
                      int64_t stride) {
     const int64_t nb32 = a->k / 32, bytes = 8 * (type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34);
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16), flip = _mm256_set1_epi8((char)0x80);
-    __m256 acc[MAX_M], off[MAX_M];
-    for (int r = 0; r < M; r++) acc[r] = off[r] = _mm256_setzero_ps();
+    const vi8 m4 = set1_i8(0x0F), b16 = set1_i8(16);
+    vf acc[MAX_M], off[MAX_M];
+    for (int r = 0; r < M; r++) acc[r] = off[r] = zero_f();
     for (int64_t b = 0; b < nb32; b++, w += bytes) {
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); /* the 8 rows' scales */
-        /* Four integer partial sums per row, added at the end: vpdpbusd's latency would otherwise chain 8 deep
+        const vf d = load_h8(w); /* the 8 rows' scales */
+        /* Four integer partial sums per row, added at the end: the dot's latency would otherwise chain 8 deep
          * per block. Integer addition is exact, so the order changes no result. */
-        __m256i dot[MAX_M][4];
+        vi32 dot[MAX_M][4];
         for (int r = 0; r < M; r++)
-            for (int i = 0; i < 4; i++) dot[r][i] = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) dot[r][i] = zero_i32();
         const int8_t *x0 = a->q + m0 * a->k + 32 * b;
         if (type == T_Q8_0) {
-            __m256i bias[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* 128 * each row's value sum */
-            for (int c = 0; c < 8; c++) { /* x * w = (x + 128) * w - 128 * w */
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
-                bias[c & 1] = _mm256_dpbusd_epi32(bias[c & 1], flip, q);
-                for (int r = 0; r < M; r++) {
-                    int32_t x4;
-                    memcpy(&x4, x0 + r * a->k + 4 * c, 4);
-                    const __m256i xs = _mm256_xor_si256(_mm256_set1_epi32(x4), flip);
-                    dot[r][c & 3] = _mm256_dpbusd_epi32(dot[r][c & 3], xs, q);
-                }
+            for (int c = 0; c < 8; c++) {
+                const vi8 q = load_i8(w + 16 + 32 * c);
+                for (int r = 0; r < M; r++) dot[r][c & 3] = dot_ss(dot[r][c & 3], q, set4_i8(x0 + r * a->k + 4 * c));
             }
-            const __m256i all = _mm256_add_epi32(bias[0], bias[1]);
-            for (int r = 0; r < M; r++) dot[r][0] = _mm256_sub_epi32(dot[r][0], all);
         } else {
             const uint8_t *qs = w + (type == T_Q5_0 ? 48 : 16);
             for (int c = 0; c < 4; c++) {
-                const __m256i t = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                __m256i lo = _mm256_and_si256(t, m4), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+                const vi8 t = load_i8(qs + 32 * c);
+                vi8 lo = and_i8(t, m4), hi = and_i8(SRL_I8(t, 4), m4);
                 if (type == T_Q5_0) {
                     uint32_t ml, mh;
                     memcpy(&ml, w + 16 + 8 * c, 4);
                     memcpy(&mh, w + 20 + 8 * c, 4);
-                    lo = _mm256_mask_add_epi8(lo, (__mmask32)ml, lo, b16);
-                    hi = _mm256_mask_add_epi8(hi, (__mmask32)mh, hi, b16);
+                    lo = or_i8(lo, and_i8(bits_to_bytes(ml), b16));
+                    hi = or_i8(hi, and_i8(bits_to_bytes(mh), b16));
                 }
                 for (int r = 0; r < M; r++) {
-                    int32_t xl, xh;
-                    memcpy(&xl, x0 + r * a->k + 4 * c, 4);
-                    memcpy(&xh, x0 + r * a->k + 16 + 4 * c, 4);
-                    dot[r][2 * (c & 1)] = _mm256_dpbusd_epi32(dot[r][2 * (c & 1)], lo, _mm256_set1_epi32(xl));
-                    dot[r][2 * (c & 1) + 1] = _mm256_dpbusd_epi32(dot[r][2 * (c & 1) + 1], hi, _mm256_set1_epi32(xh));
+                    const int8_t *xr = x0 + r * a->k;
+                    dot[r][2 * (c & 1)] = dot_us(dot[r][2 * (c & 1)], lo, set4_i8(xr + 4 * c));
+                    dot[r][2 * (c & 1) + 1] = dot_us(dot[r][2 * (c & 1) + 1], hi, set4_i8(xr + 16 + 4 * c));
                 }
             }
         }
         for (int r = 0; r < M; r++) {
             const int64_t at = (m0 + r) * nb32 + b;
-            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(dot[r][0], dot[r][1]),
-                                                 _mm256_add_epi32(dot[r][2], dot[r][3]));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[r]);
-            if (type != T_Q8_0) off[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(a->s[at]), off[r]);
+            const vi32 sum = add_i32(add_i32(dot[r][0], dot[r][1]), add_i32(dot[r][2], dot[r][3]));
+            acc[r] = fmadd_f(cvt_f(sum), mul_f(d, set1_f(a->d[at])), acc[r]);
+            if (type != T_Q8_0) off[r] = fmadd_f(d, set1_f(a->s[at]), off[r]);
         }
     }
-    const __m256 zp = _mm256_set1_ps(type == T_Q4_0 ? 8.0f : type == T_Q5_0 ? 16.0f : 0.0f);
-    for (int r = 0; r < M; r++) _mm256_storeu_ps(y + r * stride, _mm256_fnmadd_ps(zp, off[r], acc[r]));
+    const vf zp = set1_f(type == T_Q4_0 ? 8.0f : type == T_Q5_0 ? 16.0f : 0.0f);
+    for (int r = 0; r < M; r++) store_f(y + r * stride, fnmadd_f(zp, off[r], acc[r]));
 }
 
 INLINE void group_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
@@ -609,26 +555,6 @@ INLINE void group_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, 
 }
 
 OVER_ROWS(group_dot, group_kernel)
-
-#else /* portable C: the dequantized block against the dequantized activations, same result up to rounding */
-
-INLINE void row_kernel(int type, const uint8_t *w, const acts *a, int64_t m0, const int M, float *y,
-                       int64_t stride) {
-    const int be = block_elements(type), bb = block_bytes(type);
-    const int64_t nb32 = a->k / 32;
-    float vals[256], acc[MAX_M] = {0};
-    for (int64_t blk = 0; blk < a->k / be; blk++) {
-        dequantize_block(type, w + blk * bb, vals);
-        for (int r = 0; r < M; r++) {
-            const int8_t *xq = a->q + (m0 + r) * a->k + blk * be;
-            const float *xd = a->d + (m0 + r) * nb32 + blk * be / 32;
-            for (int j = 0; j < be; j++) acc[r] += vals[j] * (float)xq[j] * xd[j / 32];
-        }
-    }
-    for (int r = 0; r < M; r++) y[r * stride] = acc[r];
-}
-
-#endif
 
 OVER_ROWS(row_dot, row_kernel)
 
@@ -645,7 +571,7 @@ int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int6
     int64_t n = 0;
     for (int p = 0; p < n_parts; p++) {
         const int type = (int)parts[p].type, be = block_elements(type);
-        if (!be || ((type & X8) && !(QK_VNNI && interleavable(type & ~X8)))) return QK_BAD_TYPE;
+        if (!be || ((type & X8) && !interleavable(type & ~X8))) return QK_BAD_TYPE;
         if (k <= 0 || k % be || parts[p].rows < 0 || ((type & X8) && parts[p].rows % 8)) return QK_BAD_SHAPE;
         n += parts[p].rows;
     }
@@ -673,14 +599,12 @@ int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int6
             const int64_t lo = first > base ? first : base, hi = last < end ? last : end;
             const int type = (int)parts[p].type;
             const int64_t row_bytes = k / block_elements(type) * block_bytes(type);
-#if QK_VNNI
             if (type & X8) { /* whole groups of 8, each computed by the thread that holds its first row */
                 for (int64_t row = lo + (8 - (lo - base) % 8) % 8; row < hi; row += 8)
                     group_dot(type & ~X8, parts[p].w + (row - base) * row_bytes, &a, m, y + row, n);
                 base += parts[p].rows;
                 continue;
             }
-#endif
             for (int64_t row = lo; row < hi; row++)
                 row_dot(type, parts[p].w + (row - base) * row_bytes, &a, m, y + row, n);
             base += parts[p].rows;
@@ -691,4 +615,5 @@ int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int6
     return QK_OK;
 }
 
-int qk_simd(void) { return QK_VNNI; }
+/* Which variant of simd.h this library was built as. */
+const char *qk_variant(void) { return QK_VARIANT; }

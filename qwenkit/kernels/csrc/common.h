@@ -7,6 +7,14 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* OpenMP where the build has it (every installed variant); without it (a test build) the loops run on one thread. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
 /* IEEE half -> float, in portable C (subnormals included). */
 INLINE float half_bits_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
