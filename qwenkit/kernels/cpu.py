@@ -1,8 +1,8 @@
 """What this CPU can do fast, read once from /proc/cpuinfo.
 
-- PyTorch's int8 and int4 weight kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are vectorised
-  only for bf16 activations, and bf16 products are fast only with bf16 instructions (AVX512-BF16, AMX): we use
-  them there, and do prefill matrix products in bf16.
+- PyTorch's int4 weight kernel (`_weight_int4pack_mm_for_cpu`) is vectorised only for bf16 activations, and bf16
+  products are fast only with bf16 instructions (AVX512-BF16, AMX): we use it there, and do prefill matrix
+  products in bf16.
 - fbgemm (x86): int8 weights with one scale per row, activations quantized on the fly per call (VNNI where
   present): the int8 decode kernel on x86, the fastest measured here even where bf16 is native.
 - Elsewhere our compiled fp32 kernels run.

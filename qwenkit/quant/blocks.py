@@ -4,7 +4,8 @@ The file's bytes are the weight: loading copies them and converts nothing, memor
 a decode step reads as many weight bytes as llama.cpp. Generated tokens (qwenkit.quant.linear.decode_rows), or up
 to FUSED_MAX_ROWS rows outside the engine, run on the block kernels of qwenkit.kernels.blocks (each row computed
 on its own: batch invariant by construction); prompt chunks dequantize the weight once per call, bf16 where the
-CPU has it, and use the regular matrix kernel.
+CPU has it, and use the regular matrix kernel, except where the kernel plan runs them on the block kernels too
+(Q4_0/Q5_0/Q8_0 layers on CPUs without native bf16: qwenkit.quant.plan.KernelPlan.prompt_on_blocks).
 
 A layer may hold several parts of different block types stacked by rows: fused q/k/v or gate/up projections whose
 tensors the quantizer gave different types (Q4_K_M files mix Q5_0 and Q8_0 in attn_v, for one) are still one call.
@@ -77,7 +78,9 @@ class BlockLinear(nn.Module):
         for i, (blocks, _) in enumerate(kernel_parts):
             self.register_buffer(f"blocks{i}", blocks)
         self.kind = "+".join(dict.fromkeys(type_names))  # what benchmarks and repr report
-        self.bf16 = KernelPlan.detect().bf16
+        plan = KernelPlan.detect()
+        self.bf16 = plan.bf16
+        self.prompt_on_blocks = plan.prompt_on_blocks(self.kernel_types)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[tuple[int, ...], block_kernels.Parts] | None = None
 
@@ -163,7 +166,11 @@ class BlockLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = rows_then_matrix(x.reshape(-1, self.in_features), FUSED_MAX_ROWS, self._row_kernel, self._matrix_kernel)
+        x2 = x.reshape(-1, self.in_features)
+        if self.prompt_on_blocks:  # every row on the block kernels (the kernel plan's choice for this CPU)
+            y = self._row_kernel(x2)
+        else:
+            y = rows_then_matrix(x2, FUSED_MAX_ROWS, self._row_kernel, self._matrix_kernel)
         return y.view(*shape[:-1], self.out_features)
 
     def _row_kernel(self, x2: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ training) few rows take the row kernels and many the matrix kernel.
     ms per decode step of the default model against 57-75 ms with the next choice, for ~0.5 GB more memory).
     fbgemm quantizes a whole batch of activations with one range; inside batch_invariant() (the serving engine) we
     map each row onto [-1, 1] first (_fbgemm_per_row), so a request's result does not depend on its batch;
-  - int8 per row elsewhere with native bf16: PyTorch's `_weight_int8pack_mm`;
   - int4 in rows of 64 with groups of 32-256, on CPUs with native bf16: PyTorch's tinygemm kernel;
   - everything else: our compiled grouped kernels, in fp32.
 - the matrix kernel (prompt chunks): the weight is dequantized once per call, a few MB per layer, and multiplied with
@@ -94,9 +93,8 @@ class QuantLinear(nn.Module):
         self.packed = None  # fbgemm's packed weight, when that engine runs this layer's decode
         if isinstance(weight, Int8Grouped):
             self.kind, data = "int8", weight.q
-            kernel = plan.int8_kernel(per_row=weight.group == k and weight.offset is None)
-            self.fused_kernel = kernel == "int8pack"
-            if kernel == "fbgemm":
+            self.fused_kernel = False
+            if plan.int8_kernel(per_row=weight.group == k and weight.offset is None) == "fbgemm":
                 self.packed = _fbgemm_pack(weight)
                 self.register_buffer("row_sums", weight.q.sum(dim=1, dtype=torch.float32) * weight.scale[:, 0])
         else:
@@ -107,10 +105,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
         if self.fused_kernel:
-            if self.kind == "int8":  # scale applied in fp32 after the kernel: bf16 scales would cost precision
-                self.register_buffer("kernel_scale", torch.ones(n, dtype=torch.bfloat16))
-            else:
-                self.register_buffer("kernel_scale", tinygemm.scales_and_zeros(weight.scale, weight.offset))
+            self.register_buffer("kernel_scale", tinygemm.scales_and_zeros(weight.scale, weight.offset))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     # ---- the weight in other forms -----------------------------------------------------------------------------
@@ -176,9 +171,6 @@ class QuantLinear(nn.Module):
             y = _fbgemm_per_row(x2.float(), self.packed, self.row_sums, self.vnni).to(x2.dtype)
         elif self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.packed, not self.vnni).to(x2.dtype)
-        elif self.fused_kernel and self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.data, self.kernel_scale)
-            y = y.to(x2.dtype) * self.scale[:, 0]
         elif self.fused_kernel:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self.data, self.group, self.kernel_scale
@@ -193,7 +185,7 @@ class QuantLinear(nn.Module):
         return self.dequantize(torch.float32, ids.reshape(-1)).view(*ids.shape, self.in_features)
 
     def extra_repr(self) -> str:
-        kernel = "fbgemm" if self.packed is not None else "fused bf16" if self.fused_kernel else "compiled fp32"
+        kernel = "fbgemm" if self.packed is not None else "tinygemm bf16" if self.fused_kernel else "compiled fp32"
         return (f"{self.in_features} -> {self.out_features}, {self.kind} group {self.group}, {kernel}, "
                 f"bias={self.bias is not None}")
 

@@ -76,20 +76,26 @@ def test_batched_chunked_prefix_cached_equals_alone(arch, tok):
         assert engine.stats().kv_blocks_used == 0
 
 
-@pytest.mark.parametrize("weights", ["gguf-q8_0", "int8", "int4"])
-def test_quantized_layers_keep_batched_chunked_prefix_cached_equal_alone(weights, tok, tmp_path):
+@pytest.mark.parametrize("weights", ["gguf-q8_0", "gguf-q8_0-no-bf16", "int8", "int4"])
+def test_quantized_layers_keep_batched_chunked_prefix_cached_equal_alone(weights, tok, tmp_path, monkeypatch):
     """Quantized layers run generated tokens on their row kernels and prompt tokens on the matrix kernel, whatever
     shares the step: chunks of 8 prompt rows (padded to the matrix kernel's 16) and prefix-cache hits give the
-    tokens of the prompt in one pass."""
+    tokens of the prompt in one pass. Without native bf16 (forced off: an AVX2 or Arm CPU), the plan runs Q8_0
+    prompts on the block kernels too, with the same guarantee."""
     import qwenkit
     from qwenkit.kernels.library import available
+    from qwenkit.quant.plan import KernelPlan
     from tests.tiny_checkpoint import tiny_gguf, tiny_hf_folder
 
     if weights.startswith("gguf"):
         gguf = pytest.importorskip("gguf")
         if not available():
             pytest.skip("GGUF blocks run on the C kernels only where they are built")
+        if weights.endswith("no-bf16"):
+            monkeypatch.setenv("QWENKIT_BF16", "0")
         model = qwenkit.load(tiny_gguf(tmp_path, "qwen2", qtype=gguf.GGMLQuantizationType.Q8_0), pull=False).model
+        prompt_on_blocks = model.model.layers[0].mlp.down_proj.prompt_on_blocks
+        assert prompt_on_blocks == (weights.endswith("no-bf16") or not KernelPlan.detect().bf16)
     else:
         model = qwenkit.load(tiny_hf_folder(tmp_path / "hf"), pull=False, quant=weights).model
     prompts = [tok.encode(p) for p in PROMPTS + [" ".join(PROMPTS)]]  # the last past FUSED_MAX_ROWS tokens

@@ -84,8 +84,8 @@ def test_per_row_int8_and_tinygemm_int4_kernels(rows, cpu, bf16, tolerance):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(4))
     for fmt in (quantize_int8(w, None), quantize_int4(w, 32)):
         layer = QuantLinear(fmt)
-        fbgemm = cpu.endswith("fbgemm") and isinstance(fmt, Int8Grouped)  # int8 decode prefers fbgemm on x86
-        assert layer.fused_kernel == (bf16 and not fbgemm)
+        fbgemm = cpu.endswith("fbgemm") and isinstance(fmt, Int8Grouped)  # int8 decode runs on fbgemm on x86
+        assert layer.fused_kernel == (bf16 and isinstance(fmt, Int4Grouped))  # tinygemm
         assert (layer.packed is not None) == fbgemm
         with torch.no_grad():
             check_close(layer(x), x, fmt.dequantize(), None, tolerance)
