@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
+import sys
+
+LARGE_BLOCK = 256 * 1024  # allocations from this size on are mapped on their own and given back when freed
+
+
+@functools.cache
+def give_back_large_frees() -> bool:
+    """Make glibc's malloc return large freed blocks to the system at once (Linux; elsewhere nothing happens).
+
+    By default glibc raises its mmap threshold each time a mapped block is freed, so after the first prompt the
+    multi-megabyte buffers of every prompt chunk (activations, dequantized weights, int8 activations) come from
+    the heap, which keeps their pages: on the default model that is 70 MB of peak resident memory more after one
+    512-token prompt (1.01 GB against 0.94). A fixed threshold keeps such blocks mapped and unmaps them on free;
+    decode steps allocate far below it. Called once, before a model loads. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, LARGE_BLOCK)) and bool(
+            libc.mallopt(m_trim_threshold, 4 * LARGE_BLOCK))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 def peak_rss_bytes() -> int:

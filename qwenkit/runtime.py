@@ -21,6 +21,7 @@ from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.errors import BadRequest, ContextTooLong
+from qwenkit.memory import give_back_large_frees
 from qwenkit.quant.plan import KernelPlan
 
 
@@ -63,6 +64,7 @@ class Model:
         self.config = checkpoint.config
         started = time.perf_counter()
         self.quant = quant
+        give_back_large_frees()
         self.kernel_plan = KernelPlan.detect()
         self.model = checkpoint.load_model(dtype, quant)
         self.load_seconds = time.perf_counter() - started

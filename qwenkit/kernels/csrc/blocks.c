@@ -504,39 +504,44 @@ INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0
     for (int r = 0; r < M; r++) acc[r] = off[r] = zero_f();
     for (int64_t b = 0; b < nb32; b++, w += bytes) {
         const vf d = load_h8(w); /* the 8 rows' scales */
-        /* Four integer partial sums per row, added at the end: the dot's latency would otherwise chain 8 deep
-         * per block. Integer addition is exact, so the order changes no result. */
-        vi32 dot[MAX_M][4];
-        for (int r = 0; r < M; r++)
-            for (int i = 0; i < 4; i++) dot[r][i] = zero_i32();
+        /* Each row's integer sum over the block, lane i = weight row i. Integer addition is exact, so how the
+         * partial sums are grouped (dot_us_n) changes no result. */
+        vi32 sums[MAX_M];
         const int8_t *x0 = a->q + m0 * a->k + 32 * b;
-        if (type == T_Q8_0) {
-            for (int c = 0; c < 8; c++) {
-                const vi8 q = load_i8(w + 16 + 32 * c);
-                for (int r = 0; r < M; r++) dot[r][c & 3] = dot_ss(dot[r][c & 3], q, set4_i8(x0 + r * a->k + 4 * c));
+        if (type == T_Q8_0) { /* signed weights: no 16-bit shortcut (a pair of products can reach 32512) */
+            for (int r = 0; r < M; r++) {
+                vi32 dot[4] = {zero_i32(), zero_i32(), zero_i32(), zero_i32()};
+                for (int c = 0; c < 8; c++)
+                    dot[c & 3] = dot_ss(dot[c & 3], load_i8(w + 16 + 32 * c), set4_i8(x0 + r * a->k + 4 * c));
+                sums[r] = add_i32(add_i32(dot[0], dot[1]), add_i32(dot[2], dot[3]));
             }
         } else {
+            /* The 4-bit values of chunk c, low then high nibbles: wv[2c] meets activation bytes 4c..4c+3 of each
+             * row, wv[2c + 1] bytes 16 + 4c..; Q5_0 adds its fifth bits. */
             const uint8_t *qs = w + (type == T_Q5_0 ? 48 : 16);
+            vi8 wv[8];
             for (int c = 0; c < 4; c++) {
                 const vi8 t = load_i8(qs + 32 * c);
-                vi8 lo = and_i8(t, m4), hi = and_i8(SRL_I8(t, 4), m4);
+                wv[2 * c] = and_i8(t, m4), wv[2 * c + 1] = and_i8(SRL_I8(t, 4), m4);
                 if (type == T_Q5_0) {
                     uint32_t ml, mh;
                     memcpy(&ml, w + 16 + 8 * c, 4);
                     memcpy(&mh, w + 20 + 8 * c, 4);
-                    lo = or_i8(lo, and_i8(bits_to_bytes(ml), b16));
-                    hi = or_i8(hi, and_i8(bits_to_bytes(mh), b16));
+                    wv[2 * c] = or_i8(wv[2 * c], and_i8(bits_to_bytes(ml), b16));
+                    wv[2 * c + 1] = or_i8(wv[2 * c + 1], and_i8(bits_to_bytes(mh), b16));
                 }
-                for (int r = 0; r < M; r++) {
-                    const int8_t *xr = x0 + r * a->k;
-                    dot[r][2 * (c & 1)] = dot_us(dot[r][2 * (c & 1)], lo, set4_i8(xr + 4 * c));
-                    dot[r][2 * (c & 1) + 1] = dot_us(dot[r][2 * (c & 1) + 1], hi, set4_i8(xr + 16 + 4 * c));
-                }
+            }
+            for (int r = 0; r < M; r++) {
+                const int8_t *xr = x0 + r * a->k;
+                vi8 xv[8];
+                for (int c = 0; c < 4; c++) xv[2 * c] = set4_i8(xr + 4 * c), xv[2 * c + 1] = set4_i8(xr + 16 + 4 * c);
+                sums[r] = type == T_Q4_0 ? dot_us_n(zero_i32(), wv, xv, 8)  /* 4-bit values: 8 pairs fit 16 bits */
+                                         : dot_us_n(dot_us_n(zero_i32(), wv, xv, 4), wv + 4, xv + 4, 4);
             }
         }
         for (int r = 0; r < M; r++) {
             const int64_t at = (m0 + r) * nb32 + b;
-            const vi32 sum = add_i32(add_i32(dot[r][0], dot[r][1]), add_i32(dot[r][2], dot[r][3]));
+            const vi32 sum = sums[r];
             acc[r] = fmadd_f(cvt_f(sum), mul_f(d, set1_f(a->d[at])), acc[r]);
             if (type != T_Q8_0) off[r] = fmadd_f(d, set1_f(a->s[at]), off[r]);
         }
