@@ -19,7 +19,8 @@ def give_back_large_frees() -> bool:
     multi-megabyte buffers of every prompt chunk (activations, dequantized weights) come from the heap, which
     keeps their pages: on the default model, 1.01 GB peak resident memory after one 512-token prompt against
     0.97 GB with blocks of 4 MB and more mapped on their own (0.94 GB from 256 KB, but those page faults cost a
-    fifth of the prompt speed; from 4 MB the cost is lost in the noise). Called once, before a model loads. Returns whether it took effect."""
+    fifth of the prompt speed; from 4 MB the cost is lost in the noise). Called once, before a model loads.
+    Returns whether it took effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
