@@ -106,7 +106,6 @@ def load_hf(
     folder: Path, config: ModelConfig, weights: SafetensorsFolder, dtype: torch.dtype, quant: str = "none"
 ) -> QwenForCausalLM:
     from qwenkit.quant import apply
-    from qwenkit.quant.plan import KernelPlan
 
     model = empty_model(config, dtype)
     target_of = lambda n: hf_target(n, config)  # noqa: E731

@@ -9,7 +9,8 @@
 - none: fp32 (or the requested dtype) everywhere: the reference path.
 
 The int8 layout follows the kernel plan (qwenkit.quant.plan): where fbgemm runs int8 (x86), one scale per row (5-
-to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept exactly in groups (Q8_0/Q5_x/Q6_K map one to one) for our compiled fp32 kernel.
+to 8-bit GGUF values re-quantized per row); elsewhere, GGUF values kept exactly in groups (Q8_0/Q5_x/Q6_K map one
+to one) for our compiled fp32 kernel.
 
 Only dense linear weights are quantized (attention, MLP, shared expert, the head, and the embedding table); the MoE
 router and stacked experts stay in float.

@@ -79,7 +79,7 @@ class BlockLinear(nn.Module):
             self.register_buffer(f"blocks{i}", blocks)
         self.kind = "+".join(dict.fromkeys(type_names))  # what benchmarks and repr report
         plan = KernelPlan.detect()
-        self.bf16 = plan.bf16
+        self.matrix_dtype = plan.matrix_dtype
         self.prompt_on_blocks = plan.prompt_on_blocks(self.kernel_types)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[tuple[int, ...], block_kernels.Parts] | None = None
@@ -181,8 +181,7 @@ class BlockLinear(nn.Module):
         return y if x2.dtype == torch.float32 else y.to(x2.dtype)
 
     def _matrix_kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        y = F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
+        y = F.linear(x2.to(self.matrix_dtype), self.dequantize(self.matrix_dtype)).to(x2.dtype)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

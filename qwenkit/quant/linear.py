@@ -89,7 +89,7 @@ class QuantLinear(nn.Module):
         plan = plan or KernelPlan.detect()
         n, k = weight.shape
         self.out_features, self.in_features, self.group = n, k, weight.group
-        self.bf16, self.vnni = plan.bf16, plan.vnni
+        self.matrix_dtype, self.vnni = plan.matrix_dtype, plan.vnni
         self.packed = None  # fbgemm's packed weight, when that engine runs this layer's decode
         if isinstance(weight, Int8Grouped):
             self.kind, data = "int8", weight.q
@@ -161,8 +161,7 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _matrix_kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        return F.linear(x2.to(dtype), self.dequantize(dtype)).to(x2.dtype)
+        return F.linear(x2.to(self.matrix_dtype), self.dequantize(self.matrix_dtype)).to(x2.dtype)
 
     def _row_kernel(self, x2: torch.Tensor) -> torch.Tensor:
         """Few rows, on the kernels that read the compact weight."""

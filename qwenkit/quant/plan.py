@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenkit.checkpoint.quants import GGMLType
 from qwenkit.kernels import blocks as block_kernels
 from qwenkit.kernels import build, library
-from qwenkit.checkpoint.quants import GGMLType
 from qwenkit.kernels.cpu import cpu_flags, has_fbgemm, native_bf16, vnni
 from qwenkit.quant import tinygemm
 
@@ -107,15 +107,18 @@ class KernelPlan:
     def _c(self) -> str:
         return f"C {self.variant}"
 
-    def linear(self, type_name: str, ndim: int, quant: str) -> tuple[str, str]:
-        """(decode kernel, prompt kernel) of a linear weight of this type (GGML type name or torch dtype name)."""
-        prompt = f"dequantize + matmul {'bf16' if self.bf16 else 'fp32'}"
+    def _matrix(self) -> str:
+        return "bf16" if self.matrix_dtype == torch.bfloat16 else "fp32"
+
+    def linear(self, type_name: str, quant: str) -> tuple[str, str]:
+        """(decode kernel, prompt kernel) of a 2-D weight of this type (GGML type name or torch dtype name)."""
+        prompt = f"dequantize + matmul {self._matrix()}"
         qtype = _ggml_id(type_name)
         if quant == "auto" and qtype is not None and self.block_kernel(qtype):
             decode = f"{type_name} blocks x int8 ({self._c()})"
             return decode, decode if self.prompt_on_blocks([qtype]) else prompt
         float_type = type_name.upper() in GGML_FLOAT or type_name.startswith(("float", "bfloat"))
-        if quant == "none" or (quant == "auto" and (float_type or qtype is None)) or ndim != 2:
+        if quant == "none" or (quant == "auto" and (float_type or qtype is None)):
             return "matmul fp32 (torch)", "matmul fp32 (torch)"
         four = quant == "int4" or (quant == "auto" and type_name in FOUR_BIT)
         if four:
@@ -133,14 +136,13 @@ class KernelPlan:
         runnable = [v for v in build.variants() if library.runnable(v)]
         lines = [
             f"cpu: {_cpu_name()} ({build.machine()}: {' '.join(isa) or 'baseline'})",
-            f"kernel variant: {self.variant or 'none (PyTorch paths)'}"
-            f" (this CPU runs: {', '.join(runnable)}; {library.ENV}={os.environ.get(library.ENV) or 'unset'})",
+            (f"kernel variant: {self.variant or 'none (PyTorch paths)'}"
+             f" (this CPU runs: {', '.join(runnable)}; {library.ENV}={os.environ.get(library.ENV) or 'unset'})"),
             f"threads: {self.threads}",
             f"kv cache: {str(kv_dtype or default_kv_dtype(model_dtype)).removeprefix('torch.')}",
             f"attention: {'paged, ' + self._c() if self.variant else 'PyTorch (gathered keys, SDPA)'}",
             f"rms norm: {self._c() if self.variant else 'PyTorch'}",
-            f"prompt chunks: {'bf16' if self.bf16 else 'fp32'} matrix products"
-            f"{' (native bf16)' if self.bf16 else ''}",
+            f"prompt chunks: {self._matrix()} matrix products{' (native bf16)' if self.bf16 else ''}",
         ]
         if tensors:
             groups: dict[tuple[str, str, int], int] = {}
@@ -153,7 +155,7 @@ class KernelPlan:
                 if ndim != 2:
                     lines.append(f"  {name:{width}} {count:>3} x {type_name}: vector (norm weight or bias)")
                     continue
-                decode, prompt = self.linear(type_name, ndim, quant)
+                decode, prompt = self.linear(type_name, quant)
                 if name in EMBEDDINGS:  # looked up by rows; the head's products, where tied, are the lines above
                     decode = prompt = f"{type_name} rows dequantized per lookup"
                 lines.append(f"  {name:{width}} {count:>3} x {type_name}: {decode} | {prompt}")

@@ -83,9 +83,8 @@ def test_x86_variant_equals_reference(variant, reference, tmp_path):
 
 @pytest.mark.parametrize("variant", list(build.variants("aarch64")))
 def test_arm_variant_under_qemu_equals_reference(variant, reference, tmp_path):
-    if build.machine() == "aarch64":
-        if not runnable(variant):
-            pytest.skip(f"this CPU cannot execute the {variant} variant")
+    if build.machine() == "aarch64" and not runnable(variant):
+        pytest.skip(f"this CPU cannot execute the {variant} variant")
     assert_matches(compile_and_run(tmp_path, "aarch64", variant), reference)
 
 
