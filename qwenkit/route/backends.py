@@ -70,6 +70,11 @@ class Backend:
     async def probe(self) -> bool:
         raise NotImplementedError
 
+    def working(self) -> bool:
+        """Still computing this process's requests, known without a chunk (a model prefilling a long prompt).
+        Only an in-process model can tell; the router waits for the last backend left while it is."""
+        return False
+
     def token_counter(self) -> Callable[[str], int] | None:
         """Counts the tokens of a text with this backend's own tokenizer, when it has one in this process (the
         router uses it to charge a partial answer against max_tokens before a continuation)."""
@@ -211,6 +216,12 @@ class NativeBackend(Backend):
 
     async def probe(self) -> bool:
         return self.service.ready
+
+    def working(self) -> bool:
+        from qwenkit.serve.service import LOADING
+
+        engine = self.service.engine
+        return self.service.state == LOADING or (engine is not None and engine.working)
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self.service.wait_loaded(timeout)

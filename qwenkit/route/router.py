@@ -7,10 +7,13 @@ answer as an open assistant message (`continue_final_message`), so the client's 
 lost or repeated. The continuation is sent what is left of the client's max_tokens (max_completion_tokens) after the
 partial answer; when nothing is left, the answer ends there with finish_reason "length". A backend whose breaker is
 open is skipped without waiting: when every remote one is open, the on-device model answers at once (offline mode),
-and background probes close the breakers when hosts come back.
+and background probes close the breakers when hosts come back. Deadlines are for moving on: the last backend left
+is not abandoned while it is still working (Backend.working: an on-device model prefilling on a slow CPU).
 
-Chunks are rewritten to one id/created/model for the whole stream; the last chunk carries `qwenkit_backends`, the
-names of the backends that served it, in order.
+Chunks are rewritten to one id/created/model for the whole stream. A backend serves once it sends text, reasoning or
+a tool call; its chunks before that (the role chunk) are held back, so that a host that opens its stream and then
+stalls is never named. The first chunk from each backend and the last chunk carry `qwenkit_backends`, the names of
+the backends that served so far, in order. Usage after a switch counts the whole answer as completion.
 """
 
 from __future__ import annotations
@@ -83,16 +86,14 @@ class Router:
             await b.close()
 
     async def probe_once(self) -> None:
-        """Probe every remote backend once: success closes its breaker, failure counts against it."""
+        """Probe every remote backend once: success closes an open breaker, failure counts against it."""
         remotes = [b for b in self.backends if b.remote]
         results = await asyncio.gather(*(b.probe() for b in remotes), return_exceptions=True)
         for b, ok in zip(remotes, results):
-            if ok is True:
-                if b.breaker.state != "closed":
-                    log.info("backend %s is healthy again", b.name)
-                b.breaker.success()
-            else:
-                b.breaker.failure()
+            was = b.breaker.state
+            b.breaker.probe(ok is True)
+            if was != "closed" and b.breaker.state == "closed":
+                log.info("backend %s is healthy again", b.name)
 
     async def _probe_loop(self) -> None:
         # Fixed rate, not fixed delay: a slow probe (a frozen host holds it up to its timeout) does not push the
@@ -189,10 +190,14 @@ class Router:
             chunk["choices"] = choices
             return chunk
 
-        for b in self._ordered():
+        order = self._ordered()
+        for position, b in enumerate(order):
             if not b.breaker.allow():
                 attempts.append(f"{b.name}: skipped (breaker open)")
                 continue
+            # Deadlines are there to move on to another backend. With none left, a slow backend that is still
+            # working (an on-device model prefilling a long prompt on a small CPU) is waited for, not abandoned.
+            last = all(later.breaker.state == "open" for later in order[position + 1:])
             tries = 1 + b.config.retries
             for attempt in range(tries):
                 if attempt:
@@ -203,6 +208,7 @@ class Router:
                     req["model"] = model
                 else:
                     req.pop("model", None)
+                carried = 0  # completion tokens of the partial answer this backend continues
                 if content or reasoning or calls:
                     partial: dict[str, Any] = {"role": "assistant", "content": content}
                     if reasoning:
@@ -211,51 +217,71 @@ class Router:
                         partial["tool_calls"] = [calls[i] for i in sorted(calls)]
                     req.update(messages=[*messages, partial], add_generation_prompt=False,
                                continue_final_message=True)
+                    carried = self._spent(content, reasoning, calls, delivered)
                     if limit is not None:  # the continuation may only generate what the partial answer left
-                        left = limit - self._spent(content, reasoning, calls, delivered)
-                        req.update({k: max(left, 1) for k in limit_keys})
+                        req.update({k: max(limit - carried, 1) for k in limit_keys})
                 progressed, finished = False, False
+                held: list[dict] = []  # chunks before this backend's first text: the role chunk, say
                 offset = len(calls)
                 chunks = b.stream(req).__aiter__()
+                ahead: asyncio.Future | None = None  # the read in flight; kept across a deadline that is extended
                 sent_at = time.monotonic()
                 deadline = sent_at + b.config.first_token_timeout
                 try:
                     while True:
                         wait = (deadline - time.monotonic()) if not progressed else b.config.inter_token_timeout
+                        if ahead is None:
+                            ahead = asyncio.ensure_future(chunks.__anext__())
+                        if not (await asyncio.wait({ahead}, timeout=max(wait, 0.001)))[0]:
+                            if last and b.working():
+                                deadline = time.monotonic() + b.config.first_token_timeout
+                                continue
+                            what = "token" if progressed else "first token"
+                            raise BackendError(b.name, f"no {what} within {wait:.1f} s")
                         try:
-                            chunk = await asyncio.wait_for(chunks.__anext__(), max(wait, 0.001))
+                            chunk = ahead.result()
                         except StopAsyncIteration:
                             break
-                        except TimeoutError:
-                            what = "token" if progressed else "first token"
-                            raise BackendError(b.name, f"no {what} within {wait:.1f} s") from None
-                        if not served or served[-1] != b.name:
-                            served.append(b.name)
-                        out = rewrite(chunk)
-                        for choice in (out or {}).get("choices") or []:
-                            delta = choice.get("delta") or {}
-                            if choice.get("index", 0) == 0:
-                                if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-                                    delivered += 1
-                                content += delta.get("content") or ""
-                                reasoning += delta.get("reasoning_content") or ""
-                                for call in delta.get("tool_calls") or []:
-                                    merge_call_delta(calls, call)
-                            if not progressed and (delta.get("content") or delta.get("reasoning_content")
-                                                   or delta.get("tool_calls")):
-                                progressed = True
-                                b.observe_latency(time.monotonic() - sent_at)
-                            if choice.get("finish_reason") is not None:
-                                finished = True
-                        if out is None:
+                        finally:
+                            ahead = None
+                        served_now = any(_has_text(c.get("delta") or {}) or c.get("finish_reason") is not None
+                                         for c in chunk.get("choices") or [])
+                        if not served_now and not (progressed or finished):
+                            held.append(chunk)  # the client hears of this backend once it has written something
                             continue
-                        if pending is not None:
-                            yield pending
-                            pending = None
-                        if any(c.get("finish_reason") for c in out["choices"]) or out.get("usage"):
-                            pending = out
-                        else:
-                            yield out
+                        announce = not served or served[-1] != b.name
+                        if announce:
+                            served.append(b.name)
+                        ready, held = [*held, chunk], []
+                        for raw in ready:
+                            out = rewrite(raw)
+                            if out is not None and announce:  # who answers, as it starts: apps can say so
+                                out["qwenkit_backends"], announce = list(served), False
+                            for choice in (out or {}).get("choices") or []:
+                                delta = choice.get("delta") or {}
+                                if choice.get("index", 0) == 0:
+                                    if _has_text(delta):
+                                        delivered += 1
+                                    content += delta.get("content") or ""
+                                    reasoning += delta.get("reasoning_content") or ""
+                                    for call in delta.get("tool_calls") or []:
+                                        merge_call_delta(calls, call)
+                                if not progressed and _has_text(delta):
+                                    progressed = True
+                                    b.observe_latency(time.monotonic() - sent_at)
+                                if choice.get("finish_reason") is not None:
+                                    finished = True
+                            if out is None:
+                                continue
+                            if out.get("usage") and carried:
+                                out["usage"] = _whole_answer_usage(out["usage"], carried)
+                            if pending is not None:
+                                yield pending
+                                pending = None
+                            if any(c.get("finish_reason") for c in out["choices"]) or out.get("usage"):
+                                pending = out
+                            else:
+                                yield out
                     if not finished:
                         raise BackendError(b.name, "the stream ended without a finish reason")
                 except BackendError as e:
@@ -284,6 +310,9 @@ class Router:
                     attempts.append(f"{e} (continuation)")
                     break
                 finally:
+                    if ahead is not None:  # abandoned mid-read: stop that read before closing the stream
+                        ahead.cancel()
+                        await asyncio.gather(ahead, return_exceptions=True)
                     await chunks.aclose()
                 b.breaker.success()
                 if pending is None:
@@ -300,6 +329,19 @@ class Router:
                        "qwenkit_backends": list(served)}
                 return
         raise AllBackendsFailed(attempts)
+
+
+def _has_text(delta: dict) -> bool:
+    """Whether a chunk's delta carries part of the answer (a backend has served once it sent one)."""
+    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+
+
+def _whole_answer_usage(usage: dict, carried: int) -> dict:
+    """A continuation's usage as the client sees the answer: the partial answer it was given is completion (the
+    client received it as such), not prompt. `carried` is the router's count of those tokens (see _spent)."""
+    prompt = max(usage.get("prompt_tokens", 0) - carried, 0)
+    completion = usage.get("completion_tokens", 0) + carried
+    return dict(usage, prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def merge_call_delta(calls: dict[int, dict], delta: dict) -> None:

@@ -9,6 +9,7 @@ Answers are greedy so every expectation is exact.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -264,6 +265,97 @@ def test_error_status_fails_over_after_retries(status, paths, device_model):
     assert reply["choices"][0]["message"]["content"] == answer(device_model, HELLO, 8)
     assert handler.hits == 2  # one try and one retry, then the next backend
 
+
+
+class _Streamer(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible host whose /health answers 200 and whose chat stream sends the role chunk, then the
+    pieces in `texts`, then either hangs (`hang`) or drops the connection with no finish reason."""
+
+    texts: tuple[str, ...] = ()
+    hang = True
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        deltas = [{"role": "assistant", "content": ""}, *({"content": t} for t in self.texts)]
+        for delta in deltas:
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": HOST_NAME,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        if self.hang:
+            time.sleep(30)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_host(texts: list[str], hang: bool):
+    handler = type("Host", (_Streamer,), {"texts": tuple(texts), "hang": hang})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_healthy_looking_host_that_hangs_is_taken_out(paths, device_model):
+    """/health answers, completions hang after the role chunk: probes must not keep the breaker closed, and the
+    device, which wrote every word, is the only backend named."""
+    import qwenkit
+    from qwenkit.route import parse_route
+
+    with fake_host([], hang=True) as url:
+        cfg = parse_route(route_yaml(url, paths[1], first_token_timeout=1, retries=1,
+                                     breaker="{failures: 3, cooldown: 600}"))
+        cfg.probe_interval = 0.2  # several good probes during every wait
+        with qwenkit.Client(cfg) as c:
+            assert c.router.backend("device").wait_loaded(60)
+            expected = answer(device_model, HELLO, 4)
+            for _ in range(2):  # two tries each (retries: 1): the third failure opens the breaker
+                pieces, backends = stream(c, max_tokens=4)
+                assert backends == ["device"] and "".join(pieces) == expected
+            assert c.router.backend("host").breaker.state == "open"
+            time.sleep(0.5)  # probes keep answering 200 meanwhile
+            started = time.monotonic()
+            assert stream(c, max_tokens=4)[1] == ["device"]
+            assert time.monotonic() - started < 0.9  # offline mode: no first-token timeout waited
+
+
+def test_usage_after_a_mid_stream_failover_counts_the_whole_answer(paths, device_model):
+    import qwenkit
+    from qwenkit.route import parse_route
+
+    word = next(w for w in (" the", " a", " to", " and", "the", "a") if len(device_model.tokenizer.encode(w)) == 1)
+    with fake_host([word] * 16, hang=False) as url:  # 16 one-token pieces, then the connection drops
+        cfg = parse_route(route_yaml(url, paths[1]))
+        cfg.probe_interval = 3600
+        with qwenkit.Client(cfg) as c:
+            assert c.router.backend("device").wait_loaded(60)
+            chunks = list(c.chat(HELLO, stream=True, temperature=0, max_tokens=32,
+                                 stream_options={"include_usage": True}))
+    assert chunks[-1]["qwenkit_backends"] == ["host", "device"]
+    usage = next(ch["usage"] for ch in chunks if ch.get("usage"))
+    text = "".join(c["delta"].get("content", "") for ch in chunks for c in ch["choices"])
+    # What the device wrote: its greedy continuation of the 16 pieces, with the 16 left of max_tokens.
+    cont = device_model.chat([*HELLO, {"role": "assistant", "content": word * 16}], temperature=0, max_tokens=16,
+                             add_generation_prompt=False, continue_final_message=True)
+    assert text == word * 16 + cont.text
+    alone = device_model.chat(HELLO, temperature=0, max_tokens=1)
+    assert usage["prompt_tokens"] == alone.usage.prompt_tokens  # the client's prompt, not prompt + partial answer
+    assert usage["completion_tokens"] == 16 + cont.usage.completion_tokens  # both backends' tokens
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 def test_serve_route_subprocess(host, client, paths, tmp_path):
     """`qwenkit serve --route`: the same API over HTTP, with the header and the last chunk's field."""

@@ -96,6 +96,30 @@ def test_breaker_cycle():
     assert b.state == CLOSED and b.failures == 0
 
 
+
+def test_probes_close_an_open_breaker_but_never_clear_request_failures():
+    now = [0.0]
+    b = Breaker(failures=3, cooldown=60, clock=lambda: now[0])
+    b.failure(), b.failure()
+    b.probe(True)  # /health answers between two failed completions: the count stands
+    assert b.failures == 2 and b.state == CLOSED
+    b.failure()
+    assert b.state == OPEN  # `failures` failed requests take the host out, probes or not
+    b.probe(True)
+    assert b.state == CLOSED  # a probe closes an open breaker (a host that came back)...
+    b.failure()
+    assert b.state == OPEN  # ...and the next failed request reopens it at once
+    b.probe(True)
+    assert b.state == OPEN  # health and completions disagree: probes are no longer believed
+    now[0] = 60.0
+    assert b.allow()  # the half-open trial decides
+    b.success()
+    assert b.state == CLOSED and b.failures == 0
+    b.failure(), b.failure(), b.failure()
+    b.probe(False)  # the host went down...
+    b.probe(True)  # ...and came back: believed
+    assert b.state == CLOSED
+
 # ---- continue_final_message --------------------------------------------------------------------------------------
 def test_continue_final_message_leaves_the_answer_open(tiny_model):
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, wor"}]
@@ -475,3 +499,59 @@ def test_an_openai_backend_reads_long_lines_and_refuses_endless_ones():
     assert SSEHost(sse_body(big)).streams(1) == [[big]]
     with pytest.raises(BackendError, match="over 16 MiB"):
         SSEHost(b"data: " + b"x" * (17 << 20)).streams(1)
+
+
+def usage_chunk(prompt: int, completion: int) -> dict:
+    return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def test_a_backend_that_wrote_nothing_is_not_named():
+    # The host opens its stream with the role chunk, then misses its first-token deadline: every word is b's.
+    a = Scripted("a", [chunk(role=True), 5.0], first_token_timeout=0.2)
+    b = Scripted("b", [chunk(role=True), chunk("Hi"), chunk(finish="stop")], remote=False)
+    out = run(Router(RouteConfig([a.config, b.config]), [a, b]), BODY)
+    assert out[0]["qwenkit_backends"] == ["b"]  # the first chunk the client gets already names who answers
+    assert out[-1]["qwenkit_backends"] == ["b"]
+    assert sum(1 for c in out for ch in c["choices"] if ch["delta"].get("role")) == 1
+    # over HTTP, the header is sent with the first chunk: it must name b too
+    from starlette.testclient import TestClient
+
+    from qwenkit.serve.route_app import BACKENDS_HEADER, create_route_app
+
+    with TestClient(create_route_app(Router(RouteConfig([a.config, b.config], probe_interval=3600), [a, b]))) as c:
+        r = c.post("/v1/chat/completions", json={**BODY, "stream": True})
+        assert r.status_code == 200 and r.headers[BACKENDS_HEADER] == "b"
+
+
+def test_usage_after_a_failover_describes_the_whole_answer():
+    a = Scripted("a", [chunk(role=True), chunk("Hel"), chunk("lo"), BackendError("a", "connection lost")])
+    # b was given the partial answer as prompt: 10 of the client's prompt tokens + 2 carried, and wrote 3 more
+    b = Scripted("b", [chunk(role=True), chunk(", wor"), chunk("ld"), chunk("!", finish="stop"), usage_chunk(12, 3)])
+    out = run(Router(RouteConfig([a.config, b.config]), [a, b]),
+              {**BODY, "stream_options": {"include_usage": True}})
+    assert out[-1]["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    assert out[-1]["qwenkit_backends"] == ["a", "b"]
+
+
+def test_the_last_backend_left_is_waited_for_while_it_works():
+    class Slow(Scripted):
+        busy = True
+
+        def working(self) -> bool:
+            return self.busy
+
+    script = [chunk(role=True), 0.6, chunk("slow"), 0.6, chunk(" but sure", finish="stop")]
+    a = Scripted("a", [BackendError("a", "refused")])
+    dev = Slow("dev", list(script), remote=False, first_token_timeout=0.2, inter_token_timeout=0.2)
+    out = run(Router(RouteConfig([a.config, dev.config]), [a, dev]), BODY)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in out if c["choices"]) == "slow but sure"
+    assert out[-1]["qwenkit_backends"] == ["dev"]
+    # With another backend after it, the deadline is what moves the request on.
+    other = Scripted("other", [chunk("quick", finish="stop")])
+    out = run(Router(RouteConfig([dev.config, other.config]), [dev, other]), BODY)
+    assert out[-1]["qwenkit_backends"] == ["other"]
+    # And a last backend that is not working (a stalled remote host) is still abandoned.
+    dev.busy = False
+    with pytest.raises(AllBackendsFailed, match="no first token within"):
+        run(Router(RouteConfig([dev.config]), [dev]), BODY)
