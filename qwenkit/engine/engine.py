@@ -216,10 +216,9 @@ class Engine:
         return self._incoming.empty() and self.scheduler.idle
 
     @property
-    def working(self) -> bool:
-        """Its worker is alive and has requests to step: whatever it holds is being computed, however slowly."""
-        return (self._thread is not None and self._thread.is_alive() and not self._stopped
-                and not self.idle)
+    def running(self) -> bool:
+        """Its worker thread is alive and stepping: whatever was submitted is being computed, however slowly."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new requests; with drain, let the ones in flight finish (up to timeout seconds), then stop."""

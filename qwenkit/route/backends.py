@@ -191,6 +191,7 @@ class NativeBackend(Backend):
     def __init__(self, config: BackendConfig, loader: Callable[[], object] | None = None):
         super().__init__(config)
         self._loading = False
+        self._streams = 0  # requests in flight here (from validation to their last chunk)
         from qwenkit.serve.metrics import Metrics
         from qwenkit.serve.service import ModelService, ServeConfig
 
@@ -221,7 +222,7 @@ class NativeBackend(Backend):
         from qwenkit.serve.service import LOADING
 
         engine = self.service.engine
-        return self.service.state == LOADING or (engine is not None and engine.working)
+        return self.service.state == LOADING or (self._streams > 0 and engine is not None and engine.running)
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self.service.wait_loaded(timeout)
@@ -233,6 +234,14 @@ class NativeBackend(Backend):
         return lambda text: len(tokenizer.encode(text)) if text else 0
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
+        self._streams += 1
+        try:
+            async for chunk in self._stream(body):
+                yield chunk
+        finally:
+            self._streams -= 1
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[dict]:
         import anyio
         from pydantic import ValidationError
 
@@ -241,11 +250,10 @@ class NativeBackend(Backend):
         from qwenkit.serve.errors import from_qwenkit, from_validation
         from qwenkit.serve.generation import Run, job_chunks
         from qwenkit.serve.protocol import ChatCompletionRequest
-
         from qwenkit.serve.service import LOADING
 
         while self.service.state == LOADING:  # the fallback is about to exist: worth waiting for (the router's
-            await asyncio.sleep(0.05)  # first-token deadline bounds the wait)
+            await asyncio.sleep(0.05)  # first-token deadline bounds the wait, unless nothing comes after it)
         if not self.service.ready:
             raise BackendError(self.name, f"the model is {self.service.state}")
         # The one model here answers any name; a name of one of its adapters chooses that adapter.

@@ -555,3 +555,24 @@ def test_the_last_backend_left_is_waited_for_while_it_works():
     dev.busy = False
     with pytest.raises(AllBackendsFailed, match="no first token within"):
         run(Router(RouteConfig([dev.config]), [dev]), BODY)
+
+
+def test_an_on_device_model_slower_than_its_deadlines_still_answers(tiny_model):
+    """Deadlines far below one engine step: as the only backend, the model is waited for while its engine works."""
+    b = NativeBackend(BackendConfig(name="device", type="native", model="tiny", first_token_timeout=0.001,
+                                    inter_token_timeout=0.001), loader=lambda: tiny_model)
+
+    async def go():
+        await b.start()
+        try:
+            assert b.wait_loaded(60)
+            router = Router(RouteConfig([b.config]), [b])
+            return [c async for c in router.stream({**BODY, "temperature": 0, "max_tokens": 24,
+                                                    "messages": [{"role": "user", "content": "hello " * 60}]})]
+        finally:
+            await b.close()
+
+    out = asyncio.run(go())
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in out if c["choices"])
+    expected = tiny_model.chat([{"role": "user", "content": "hello " * 60}], temperature=0, max_tokens=24).text
+    assert text == expected and out[-1]["qwenkit_backends"] == ["device"]
