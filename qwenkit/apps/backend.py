@@ -73,3 +73,29 @@ def local_tokenizer(client: Client) -> Tokenizer | None:
         if not backend.remote and service is not None and service.ready:
             return service.model.tokenizer
     return None
+
+
+class DeviceNotice:
+    """Tells the user when the answer starts coming from the on-device model because the hosted one did not
+    answer, and when the hosted model is back: on a small device that answer is slower, and the user should know
+    why. Fed each response's `qwenkit_backends`; says nothing for a single model or a route with no hosted backend.
+    """
+
+    def __init__(self, client: object):
+        router = getattr(client, "router", None)
+        backends = getattr(router, "backends", [])
+        hosted = any(b.remote for b in backends)
+        self.device = frozenset(b.name for b in backends if not b.remote) if hosted else frozenset()
+        self.on_device = False
+
+    def update(self, served: list[str]) -> str | None:
+        """The message to show for the backends that served the latest answer (or part of it), if it changed."""
+        if not self.device or not served:
+            return None
+        now = served[-1] in self.device
+        if now == self.on_device:
+            return None
+        self.on_device = now
+        if now:
+            return "the hosted model did not answer: the on-device model is answering (slower)"
+        return "the hosted model is answering again"

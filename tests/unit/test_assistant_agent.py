@@ -266,3 +266,28 @@ def test_a_text_call_under_an_invented_name_goes_to_the_one_tool_its_arguments_f
     chat = ScriptedChat('{"name": "meeting_time", "arguments": {"time": "3 pm"}}', "Sorry.")
     result = Agent(chat, [draft, slow_tool("a", 0)], system=None).ask("x")
     assert result.calls[0]["name"] == "meeting_time" and "there is no tool" in result.trace[2]["text"]
+
+
+def test_the_user_is_told_when_the_on_device_model_answers_instead_of_the_hosted_one():
+    import qwenkit
+    from qwenkit.route.backends import BackendError
+    from qwenkit.route.config import RouteConfig
+    from qwenkit.route.router import Router
+    from tests.unit.test_route_config import Scripted, chunk
+
+    hosted = Scripted("hosted", [BackendError("hosted", "refused")])
+    device = Scripted("device", [chunk(role=True), chunk("It is sunny."), chunk(finish="stop")], remote=False)
+    with qwenkit.Client(Router(RouteConfig([hosted.config, device.config], probe_interval=3600),
+                               [hosted, device])) as client:
+        agent = Agent(client, [], system=None)
+        events = list(agent.stream("weather?"))
+        notices = [e.text for e in events if e.kind == "notice"]
+        assert notices == ["the hosted model did not answer: the on-device model is answering (slower)"]
+        assert [e.kind for e in events].index("notice") < [e.kind for e in events].index("content")
+        assert not [e for e in agent.stream("again?") if e.kind == "notice"]  # said once, not at every answer
+        hosted.script = [chunk("Back.", finish="stop")]
+        assert [e.text for e in agent.stream("and now?") if e.kind == "notice"] == [
+            "the hosted model is answering again"]
+    # A single model in this process is the device by design: nothing to say.
+    with qwenkit.Client(Router(RouteConfig([device.config]), [device])) as client:
+        assert not [e for e in Agent(client, [], system=None).stream("x") if e.kind == "notice"]

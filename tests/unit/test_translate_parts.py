@@ -433,3 +433,20 @@ def test_a_page_too_slow_to_keep_up_is_told_to_reconnect():
         assert list(q.queue) == [("reconnect", None)]
     finally:
         server.close()
+
+
+def test_captions_say_when_the_on_device_model_translates(caplog):
+    import qwenkit
+    from qwenkit.route.backends import BackendError
+    from qwenkit.route.config import RouteConfig
+    from qwenkit.route.router import Router
+    from tests.unit.test_route_config import Scripted, chunk
+
+    hosted = Scripted("hosted", [BackendError("hosted", "HTTP 503", 503)])
+    device = Scripted("device", [chunk("Hello."), chunk(finish="stop")], remote=False)
+    with qwenkit.Client(Router(RouteConfig([hosted.config, device.config], probe_interval=3600),
+                               [hosted, device])) as client, caplog.at_level("WARNING", logger="qwenkit.translate"):
+        t = Translator(client, "zh", "en")
+        assert t.translate("你好。") == "Hello." and t.translate("你好。") == "Hello."
+    said = [r.getMessage() for r in caplog.records if r.name == "qwenkit.translate"]
+    assert said == ["the hosted model did not answer: the on-device model is answering (slower)"]

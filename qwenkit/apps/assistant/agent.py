@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from qwenkit.apps.assistant.calls import call_key, looks_like_call, salvage_calls
 from qwenkit.apps.assistant.tool import Tool, ToolError, result_text
+from qwenkit.apps.backend import DeviceNotice
 from qwenkit.route.router import merge_call_delta
 
 DEFAULT_SYSTEM = (
@@ -121,6 +122,7 @@ class Agent:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system.format(today=today)}] if system \
             else []
         self.trace: list[dict[str, Any]] = []
+        self._where = DeviceNotice(chat)
         self.stopped = ""
         self._calls = 0
 
@@ -201,7 +203,11 @@ class Agent:
         chunks = self.chat.chat(messages, stream=True, **params)
         try:
             for chunk in chunks:
-                reply.backends = chunk.get("qwenkit_backends", reply.backends)
+                if "qwenkit_backends" in chunk:
+                    reply.backends = chunk["qwenkit_backends"]
+                    notice = self._where.update(reply.backends)
+                    if notice:
+                        yield Event("notice", step=step, text=notice)
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
                     if delta.get("reasoning_content"):

@@ -16,14 +16,18 @@ the model writes its next best guess in the target language (at most MAX_RETRIES
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from qwenkit.apps.backend import DeviceNotice
 from qwenkit.apps.translate.agreement import CJK_CHARACTERS
 from qwenkit.errors import BadData, QwenkitError
+
+log = logging.getLogger("qwenkit.translate")
 
 LANGUAGES = {
     "zh": "Mandarin Chinese", "en": "English", "ja": "Japanese", "ko": "Korean", "fr": "French", "de": "German",
@@ -110,6 +114,7 @@ class Translator:
         self.vocabulary = vocabulary if target not in CJK_TARGETS else None  # None: no guard against copied terms
         self.system = system_prompt(source, target)
         self.retries = 0  # guarded re-asks so far
+        self.where = DeviceNotice(chat)
 
     def messages(self, text: str) -> list[dict]:
         system = self.system
@@ -155,6 +160,9 @@ class Translator:
             reply = self.chat.chat(messages, stream=False, **params)
         except Exception as e:  # a route whose every backend failed, a server that went away, a refused request
             raise TranslationError(f"translation failed: {e}") from e
+        notice = self.where.update(reply.get("qwenkit_backends") or []) if isinstance(reply, dict) else None
+        if notice:
+            log.warning("%s", notice)
         content = _content(reply)
         return clean(prefix + content if prefix else content, keep=prefix)
 
