@@ -62,18 +62,24 @@ class CompletionFormatter:
         if not lps:
             return None
 
-        def text(token: int) -> str:
-            return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for lp in lps:
-            t = text(lp.token)
-            out["tokens"].append(t)
+            out["tokens"].append(self._name(lp.token))
             out["token_logprobs"].append(finite(lp.logprob))
-            out["top_logprobs"].append({text(tok): finite(v) for tok, v in lp.top} if lp.top else None)
+            out["top_logprobs"].append({self._name(tok): finite(v) for tok, v in lp.top} if lp.top else None)
             out["text_offset"].append(self._offsets[index])
-            self._offsets[index] += len(t)
+            self._offsets[index] += len(self.tokenizer.token_bytes(lp.token).decode("utf-8", errors="replace"))
         return out
+
+    def _name(self, token: int) -> str:
+        """A token as the legacy shape names it: its text, or, for a piece of a UTF-8 character, its bytes as
+        `bytes:\\xe4\\xbd` (as OpenAI writes them). Decoding such pieces to U+FFFD would give several tokens one
+        name, and top_logprobs, a dict keyed by name, would lose alternatives."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     # ---- streaming ---------------------------------------------------------------------------------------------
     def opening_chunks(self) -> list[dict]:

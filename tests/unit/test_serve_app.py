@@ -131,6 +131,26 @@ def test_completions_echo_and_logprobs(client, tiny_model):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 5
 
 
+
+def test_completions_top_logprobs_keep_every_piece_of_a_character(tiny_model):
+    """Tokens that are pieces of one UTF-8 character all decode to U+FFFD: keyed by that text, top_logprobs would
+    fold them into one entry. Each keeps its own name, its bytes spelled out as OpenAI does."""
+    from qwenkit.engine.response import Response
+    from qwenkit.engine.sampling import TokenLogprob
+    from qwenkit.serve.completions import CompletionFormatter
+
+    tok = tiny_model.tokenizer
+    pieces = [i for i in range(tok.vocab_size)
+              if len(tok.token_bytes(i)) == 1 and tok.token_bytes(i)[0] >= 0x80][:3]
+    assert len(pieces) == 3
+    word = tok.encode("Hello")[0]
+    top = [(pieces[0], -0.5), (pieces[1], -1.0), (word, -1.5), (pieces[2], -2.0)]
+    step = Response(text="\ufffd", tokens=[pieces[0]], logprobs=[TokenLogprob(pieces[0], -0.5, top)])
+    lp = CompletionFormatter(tok, "m", [""]).chunk(0, step)["choices"][0]["logprobs"]
+    names = ["bytes:" + "".join(f"\\x{b:02x}" for b in tok.token_bytes(i)) for i in pieces]
+    assert lp["tokens"] == [names[0]]
+    assert lp["top_logprobs"] == [{names[0]: -0.5, names[1]: -1.0, tok.decode([word]): -1.5, names[2]: -2.0}]
+
 def test_tokenize_detokenize(client, tiny_model):
     r = client.post("/tokenize", json={"prompt": "hello world"}).json()
     assert r["tokens"] == tiny_model.tokenizer.encode("hello world") and r["count"] == len(r["tokens"])
