@@ -71,13 +71,14 @@ def gguf_format(gguf, name: str, mode: str,
     if mode == "none" or (mode == "auto" and not native_type):
         return None
     four_bit = native_type and target_format(t.qtype)[0] is Int4Grouped
+    exact = mode == "auto"  # auto keeps the file's values on every CPU: its groups, never a re-quantization
     if mode == "auto":
         mode = "int4" if four_bit else "int8"
     if mode == "int4":
         return convert(gguf.raw(name), t.qtype, t.shape) if four_bit else _requantize_rows(gguf, name, _int4)
-    if native_type and not plan.per_row_int8:
+    if native_type and (exact or not plan.per_row_int8):
         return _as_int8(convert(gguf.raw(name), t.qtype, t.shape))  # exact grouped int8
-    return _requantize_rows(gguf, name, _int8)
+    return _requantize_rows(gguf, name, _int8)  # --quant int8 asked for fbgemm's one scale per row
 
 
 def _requantize_rows(gguf, name: str, quantize: Callable) -> Int8Grouped | Int4Grouped:

@@ -123,6 +123,8 @@ class KernelPlan:
         four = quant == "int4" or (quant == "auto" and type_name in FOUR_BIT)
         if four:
             return f"int4 groups of 32, {self.int4_kernel(64, 64, 32)}", prompt
+        if quant == "auto":  # the file's own groups, exact (see apply.gguf_format)
+            return f"int8 groups, {self.int8_kernel(False)}", prompt
         return f"int8, {self.int8_kernel(self.per_row_int8)}", prompt
 
     def describe(self, tensors: dict[str, tuple[str, int]] | None = None, quant: str = "auto",

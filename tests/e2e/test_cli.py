@@ -479,7 +479,7 @@ def test_info_kernels_prints_the_plan(env, tiny, forced):
     if variant:
         assert f"Q8_0 blocks x int8 (C {variant})" in q_proj and header["attention"] == f"paged, C {variant}"
     else:
-        assert "int8, " in q_proj and "PyTorch" in header["attention"]
+        assert "int8 groups, compiled" in q_proj and "PyTorch" in header["attention"]  # exact: the file's groups
     assert "vector" in tensors["blk.*.attn_norm.weight"]
 
 

@@ -97,6 +97,24 @@ def test_convert_gguf_file_matches_dequantize(tmp_path, monkeypatch, qtype):
             monkeypatch.undo()
 
 
+
+@pytest.mark.parametrize("fbgemm", [True, False])
+@pytest.mark.parametrize("qtype", sorted(EXPECTED), ids=lambda t: t.name)
+def test_auto_keeps_gguf_values_exact_without_block_kernels(tmp_path, qtype, fbgemm):
+    """Where no C block kernel runs (not built, QWENKIT_KERNELS=none, a type they lack), `auto` takes the file's
+    own groups, fbgemm or not: re-quantizing Q5_0/Q6_K/Q8_0 rows to int8 made greedy answers drift."""
+    from qwenkit.quant.apply import gguf_format
+    from qwenkit.quant.plan import KernelPlan
+
+    shape = (8, 256)
+    path = _write(tmp_path / "q.gguf", {"w": (_random_raw(qtype, shape, np.random.default_rng(int(qtype))), qtype)})
+    plan = KernelPlan(variant=None, bf16=False, fbgemm=fbgemm, vnni=True, threads=1)
+    with GGUFFile(path) as f:
+        got = gguf_format(f, "w", "auto", plan)
+        ref = dequantize(f.raw("w"), qtype, shape[0] * shape[1]).reshape(shape)
+    assert isinstance(got, EXPECTED[qtype][0]) and got.group == EXPECTED[qtype][1]
+    assert np.array_equal(got.dequantize().numpy(), ref)
+
 def test_q4_0_nibble_layout_is_kept():
     rng = np.random.default_rng(1)
     shape = (3, 96)
