@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names")
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1; --max-steps overrides)")
+    p.add_argument("--max-steps", type=int, help="the run's length in optimizer steps, repeating the data as needed")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -69,14 +69,15 @@ def run(args: argparse.Namespace) -> int:
     main = dist is None or dist.main
     for s in skipped if main else []:
         print(f"qwenkit: skipped: {s.reason}", file=sys.stderr)
-    if main:
-        print(f"{len(train)} training examples" + (f", {len(evals)} eval examples" if evals else "")
-              + (f", {dist.world} processes (FSDP)" if dist else ""), file=sys.stderr)
     apply_lora(model.model, lora, seed=args.seed)
     model.model.gradient_checkpointing = args.gradient_checkpointing
     if dist is not None:
         distributed.shard(model.model, dist)
     trainer = Trainer(model.model, lora, cfg, train, evals, args.out, base_model=args.model, dist=dist)
+    if main:  # the run's length up front: --max-steps sets it, --epochs only without it
+        print(f"{len(train)} training examples" + (f", {len(evals)} eval examples" if evals else "")
+              + (f", {dist.world} processes (FSDP)" if dist else "")
+              + f"; {trainer.total_steps} optimizer steps ({trainer.epochs:.3g} epochs)", file=sys.stderr)
     summary = trainer.run(resume=args.resume, progress=sys.stderr.isatty())
     distributed.finish(dist)
     if main:

@@ -7,14 +7,18 @@ Each line is one conversation:
 - ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": ...}]}
 - Alpaca:   {"instruction": ..., "input": ..., "output": ..., "system": ...}
 
-An assistant turn's loss covers its text and the end-of-turn token, so the model also learns where to stop. The
-spans are found by rendering the conversation up to each assistant turn with the template (with and without that
-turn), so whatever the template puts around a turn (tool-call tags, <think> blocks) is treated as it really is.
+An assistant turn's loss covers everything after its `<|im_start|>assistant\n` header up to and including its
+`<|im_end|>`, so the model also learns where to stop. The spans are found in the rendering of the whole
+conversation, which is what the model trains on: whatever the template puts inside a turn (tool-call tags, <think>
+blocks) is learned as it really is there. Rendering the conversation up to each turn instead would not do: Qwen3's
+template drops earlier turns' reasoning and gives only the turns after the last user message a <think> block, so
+a partial rendering is not a prefix of the whole one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,9 @@ from typing import Any
 from qwenkit.errors import BadData
 
 IGNORE = -100  # label of a token without loss (PyTorch's cross_entropy ignore_index)
+# Every Qwen chat template is ChatML: a turn is `<|im_start|>ROLE\n ... <|im_end|>`.
+ASSISTANT_HEADER, TURN_START, TURN_END = "<|im_start|>assistant\n", "<|im_start|>", "<|im_end|>"
+ASSISTANT_TURN = re.compile(re.escape(ASSISTANT_HEADER) + "(.*?" + re.escape(TURN_END) + ")", re.DOTALL)
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -80,24 +87,28 @@ def _conversation(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
                   "'output')")
 
 
+def assistant_spans(full: str, turns: int, where: str) -> list[tuple[int, int]]:
+    """Character ranges of the assistant turns in a rendered conversation: each from after its header to the end
+    of its end-of-turn token. `turns`: how many assistant messages the conversation has; the rendering must hold
+    exactly as many well-formed assistant turns (a message that writes a header of its own makes them ambiguous)."""
+    found = [m.span(1) for m in ASSISTANT_TURN.finditer(full)]
+    if len(found) != turns or any(TURN_START in full[start:end] for start, end in found):
+        raise BadData(f"{where}: the chat template's rendering has {len(found)} assistant turn(s) "
+                      f"({ASSISTANT_HEADER!r} ... {TURN_END!r}) for the conversation's {turns}, so which tokens to "
+                      "learn is unclear; use --train-on all to learn every token")
+    return found
+
+
 def tokenize(model: Any, messages: list[dict], tools: list[dict] | None, line: int,
-             train_on: str = "assistant") -> Example:
-    """Token ids and labels of one conversation. train_on: "assistant" (loss on assistant turns) or "all"."""
+             train_on: str = "assistant", path: str | Path | None = None) -> Example:
+    """Token ids and labels of one conversation. train_on: "assistant" (loss on assistant turns) or "all". path:
+    the data file, for errors (which name it and the line)."""
     full = model.render(messages, tools=tools, add_generation_prompt=False)
-    spans = []  # character ranges of the assistant turns in `full`
     if train_on == "assistant":
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = model.render(messages[:i], tools=tools, add_generation_prompt=True)
-            upto = model.render(messages[: i + 1], tools=tools, add_generation_prompt=False)
-            if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
-                raise BadData(f"line {line}: the chat template renders assistant turn {i} differently on its own "
-                              "(use train_on='all' for this template)")
-            end = upto.rstrip("\n")  # the turn's text and its end token; the newline after it is the template's
-            spans.append((len(before), len(end)))
+        where = f"{path}:{line}" if path is not None else f"line {line}"
+        spans = assistant_spans(full, sum(m["role"] == "assistant" for m in messages), where)
     else:
-        spans.append((0, len(full)))
+        spans = [(0, len(full))]
     ids: list[int] = []
     labels: list[int] = []
     pos = 0
@@ -127,7 +138,7 @@ def load_examples(model: Any, path: str | Path, max_len: int, on_bad: str = "sto
             if isinstance(item, BadData):
                 raise item
             messages, tools = item
-            ex = tokenize(model, messages, tools, n, train_on)
+            ex = tokenize(model, messages, tools, n, train_on, path)
             if len(ex.input_ids) > max_len:
                 raise BadData(f"{path}:{n}: the example is {len(ex.input_ids)} tokens, longer than the "
                               f"{max_len}-token limit")

@@ -16,7 +16,7 @@ def export_gguf(model_path: Path, out: Path, qtype: str = "f16", adapter: Path |
 
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.checkpoint.gguf_write import tokenizer_metadata_from_gguf, tokenizer_metadata_from_hf, write_gguf
-    from qwenkit.tune.lora import merge_adapter
+    from qwenkit.tune.merge import merge_adapter
 
     if qtype not in TYPES:
         raise BadRequest(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")

@@ -7,6 +7,8 @@
     load_adapter(other_model, "out/")           # or peft.PeftModel.from_pretrained(transformers_model, "out/")
     merge_lora(model)                           # W += B A * scaling; plain nn.Linear layers again
 
+(qwenkit.tune.merge folds whole PEFT adapters into the weights, those on lm_head and embed_tokens included.)
+
 The math is PEFT's: y = W x + B(A(dropout(x))) * alpha / r (alpha / sqrt(r) with rslora), A initialised
 Kaiming-uniform (a = sqrt 5) and B zero, so a fresh adapter changes nothing. Module paths are the Hugging Face
 names our model keeps, so adapter keys read `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`,
@@ -79,12 +81,19 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         with torch.no_grad():
-            delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-            self.base.weight += delta.to(self.base.weight.dtype)
+            self.base.weight += lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling).to(
+                self.base.weight.dtype)
         return self.base
 
 
-def _targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The update B A * scaling that an adapter pair adds to a Linear weight [out, in] (A [r, in], B [out, r])."""
+    return (b @ a) * scaling
+
+
+def target_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """The Linear layers `cfg` adapts. Never lm_head: the serving engine cannot apply an adapter to it per request,
+    and in a tied model it is the embedding table (qwenkit.tune.merge folds a PEFT adapter on it into the weights)."""
     return [name for name, m in model.named_modules()
             if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in cfg.target_modules and name != "lm_head"]
 
@@ -101,7 +110,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> li
         raise BadRequest("the model already has LoRA layers (merge them or load a fresh model)")
     if any(getattr(m, "qkv_proj", None) is not None for m in model.modules()):  # fused, so quantized
         raise BadRequest("LoRA needs the float model: load it with quant='none'")
-    paths = _targets(model, cfg)
+    paths = target_paths(model, cfg)
     if not paths:
         raise BadRequest(f"no Linear layer of the model is named one of {cfg.target_modules}")
     for p in model.parameters():
@@ -182,21 +191,25 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     the base model's keys in its engine's prefix cache, so start a fresh engine (Model.start_engine()) after it."""
     cfg = read_adapter_config(folder)
     apply_lora(model, cfg)
-    copy_adapter_weights(model, folder)
+    copy_adapter_weights(model, *read_adapter_weights(folder))
     return cfg
 
 
-def copy_adapter_weights(model: nn.Module, folder: str | Path) -> None:
-    """Copy the adapter tensors in `folder` into the model's LoRA layers (already in place), checking that the two
-    match one to one, shapes included."""
+def read_adapter_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of the adapter in `folder`, and the file they came from (for errors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights = Path(folder) / ADAPTER_WEIGHTS
     try:
-        tensors = load_file(str(weights))
+        return load_file(str(weights)), weights
     except (OSError, SafetensorError) as e:
         raise BadCheckpoint(f"{weights}: cannot read the adapter weights: {e}") from None
+
+
+def copy_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """Copy adapter tensors (read from the file `weights`) into the model's LoRA layers (already in place),
+    checking that the two match one to one, shapes included."""
     expected = {}
     for path, m in lora_layers(model).items():
         expected[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
@@ -219,9 +232,3 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, leaving plain Linear layers."""
     for path, m in lora_layers(model).items():
         _set(model, path, m.merged())
-
-
-def merge_adapter(model: nn.Module, folder: str | Path) -> None:
-    """The adapter in `folder` folded into the model's weights (what `qwenkit merge` and `export` write)."""
-    load_adapter(model, folder)
-    merge_lora(model)

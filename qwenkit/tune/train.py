@@ -32,7 +32,7 @@ CHECKPOINTS_KEPT = 2
 class TrainConfig:
     lr: float = 2e-4
     epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (default: the epochs)
+    max_steps: int | None = None  # the run's length in optimizer steps, repeating epochs as needed (overrides epochs)
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 0
@@ -44,9 +44,13 @@ class TrainConfig:
 
 
 def micro_batches(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
-    """Example indices of every micro-batch of the whole run, in order."""
+    """Example indices of every micro-batch of the whole run, in order. With max_steps, as many epochs as its steps
+    need (transformers' Trainer does the same): the last may be cut short."""
+    epochs = cfg.epochs
+    if cfg.max_steps:
+        epochs = math.ceil(cfg.max_steps * cfg.grad_accum / math.ceil(n_examples / cfg.batch_size))
     out = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
         out += [order[i:i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
     return out
@@ -113,10 +117,15 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batches = micro_batches(len(train), cfg)
-        steps = math.ceil(len(self.batches) / cfg.grad_accum)
-        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        self.total_steps = cfg.max_steps or math.ceil(len(self.batches) / cfg.grad_accum)
         self.step = 0
         self.log: list[dict[str, Any]] = []
+
+    @property
+    def epochs(self) -> float:
+        """How many passes over the training examples the run makes (a fraction where max_steps ends mid-epoch)."""
+        per_epoch = math.ceil(len(self.train_examples) / self.cfg.batch_size)
+        return min(self.total_steps * self.cfg.grad_accum, len(self.batches)) / per_epoch
 
     def lr_at(self, step: int) -> float:
         if step < self.cfg.warmup_steps:

@@ -33,13 +33,11 @@ def loss_of(logits, labels):
                                              ignore_index=-100)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    reference = save_transformers_model(request.param, folder)
-    ours, _ = load_weights(folder)
+def adapted_pair(reference, ours):
+    """Our LoRA on `ours` and PEFT's on `reference` (the same weights), with one trained-looking adapter: B is zero
+    at init, which would hide most mistakes. Returns PEFT's model."""
     apply_lora(ours, CFG, seed=0)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at init, which would hide most mistakes
+    with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for m in lora_layers(ours).values():
             m.lora_B.weight.normal_(0, 0.05, generator=g)
@@ -50,7 +48,15 @@ def pair(request, tmp_path_factory):
             theirs = wrapped.base_model.model.get_submodule(path)
             theirs.lora_A["default"].weight.copy_(m.lora_A.weight)
             theirs.lora_B["default"].weight.copy_(m.lora_B.weight)
-    return request.param, folder, wrapped, ours
+    return wrapped
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = save_transformers_model(request.param, folder)
+    ours, _ = load_weights(folder)
+    return request.param, folder, adapted_pair(reference, ours), ours
 
 
 def test_same_layers_are_adapted_as_peft(pair):
@@ -141,3 +147,89 @@ def test_qwenkit_merge_writes_a_folder_transformers_loads_as_base_plus_adapter(p
         assert (merged(input_ids=ids).logits - want).abs().max().item() < 1e-4
         again, _ = load_weights(tmp_path / "merged")  # and qwenkit reads its own merge back
         assert (again.eval()(ids) - want).abs().max().item() < 1e-4
+
+
+def transformers_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_multi_turn_qwen3_loss_equals_peft_over_the_assistant_spans(tiny_qwen3_path):
+    """A Qwen3 chat with tool calls and several assistant turns (the template reshapes earlier turns): the spans
+    found in the whole rendering are every `<|im_start|>assistant\n` ... `<|im_end|>` of transformers' own
+    rendering, and the loss over them is transformers+peft's."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    import qwenkit
+    from qwenkit.tune.data import tokenize
+    from qwenkit.tune.train import summed_loss
+    from tests.e2e.test_tune import MULTI_TURN
+
+    model = qwenkit.load(tiny_qwen3_path, quant="none", pull=False)
+    messages, tools = MULTI_TURN["messages"], MULTI_TURN["tools"]
+    example = tokenize(model, messages, tools, 1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_path)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    assert encoded.input_ids == example.input_ids
+    spans = [m.span(1) for m in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.DOTALL)]
+    assert len(spans) == 3
+    labels = [t if any(s <= a and b <= e for s, e in spans) else -100
+              for t, (a, b) in zip(encoded.input_ids, encoded.offset_mapping)]
+    assert labels == example.labels
+    wrapped = adapted_pair(transformers_model(tiny_qwen3_path), model.model)
+    ours, count = summed_loss(model.model.train(), [example])
+    theirs = wrapped.train()(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([labels])).loss
+    assert abs(ours.item() / count - theirs.item()) < 1e-5
+
+
+# PEFT adapters beyond LoRA on the decoder's Linear layers: LoRA on lm_head (a Linear) and embed_tokens (an
+# Embedding: lora_embedding_A/B, saved with both layers' base weights), and modules_to_save (whole new weights).
+# ensure_weight_tying: on a tied model, PEFT keeps the two ends one table (both LoRAs, or both saved modules).
+OUTER_ADAPTERS = {
+    "lora-head-embed": {"target_modules": ["q_proj", "lm_head", "embed_tokens"]},
+    "lora-head": {"target_modules": ["q_proj", "lm_head"]},
+    "lora-head-kept-tied": {"target_modules": ["q_proj", "lm_head"], "ensure_weight_tying": True},
+    "saved-head": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "saved-embed": {"target_modules": ["v_proj"], "modules_to_save": ["embed_tokens"]},
+    "saved-both-kept-tied": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"],
+                             "ensure_weight_tying": True},
+}
+
+
+@pytest.mark.parametrize("case", OUTER_ADAPTERS)
+@pytest.mark.parametrize("base", ["tiny_hf_path", "tiny_qwen3_path"])  # untied head; tied (as Qwen2.5-0.5B's)
+def test_merge_and_export_fold_head_and_embedding_adapters_as_peft_merges_them(request, tmp_path, base, case):
+    """`qwenkit merge` and `export --adapter` give the logits of PEFT's merge_and_unload. On a tied model PEFT
+    merges a LoRA on either end into the one shared table (so both ends change), and a saved module replaces that
+    end alone (the two are untied) unless ensure_weight_tying kept them one."""
+    import warnings
+
+    import qwenkit
+    from qwenkit.tune.export import export_gguf
+    from qwenkit.tune.merge import merge_to_folder
+
+    folder = request.getfixturevalue(base)
+    with warnings.catch_warnings():  # PEFT's notes on tied layers and on saving the embedding layers
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(transformers_model(folder), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                                 **OUTER_ADAPTERS[case]))
+        with torch.no_grad():  # every trainable tensor moved off its initial value, as training would
+            g = torch.Generator().manual_seed(2)
+            for p in wrapped.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        wrapped.save_pretrained(tmp_path / "adapter")
+    ids, _ = batch(wrapped.config.vocab_size, seed=11)
+    with torch.no_grad():
+        want = wrapped.merge_and_unload().eval()(input_ids=ids).logits
+        merge_to_folder(folder, tmp_path / "adapter", tmp_path / "merged")
+        assert (transformers_model(tmp_path / "merged")(input_ids=ids).logits - want).abs().max().item() < 1e-4
+        again, _ = load_weights(tmp_path / "merged")
+        assert (again.eval()(ids) - want).abs().max().item() < 1e-4
+        export_gguf(folder, tmp_path / "tuned.gguf", "f32", tmp_path / "adapter")
+        exported = qwenkit.load(tmp_path / "tuned.gguf", quant="none", pull=False)
+        assert (exported.model(ids) - want).abs().max().item() < 1e-4
