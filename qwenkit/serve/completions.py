@@ -64,22 +64,15 @@ class CompletionFormatter:
 
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for lp in lps:
-            out["tokens"].append(self._name(lp.token))
+            raw = self.tokenizer.token_bytes(lp.token)
+            out["tokens"].append(_name(raw))
             out["token_logprobs"].append(finite(lp.logprob))
-            out["top_logprobs"].append({self._name(tok): finite(v) for tok, v in lp.top} if lp.top else None)
+            out["top_logprobs"].append({_name(self.tokenizer.token_bytes(tok)): finite(v) for tok, v in lp.top}
+                                       if lp.top else None)
             out["text_offset"].append(self._offsets[index])
-            self._offsets[index] += len(self.tokenizer.token_bytes(lp.token).decode("utf-8", errors="replace"))
+            self._offsets[index] += len(raw.decode("utf-8", errors="replace"))
         return out
 
-    def _name(self, token: int) -> str:
-        """A token as the legacy shape names it: its text, or, for a piece of a UTF-8 character, its bytes as
-        `bytes:\\xe4\\xbd` (as OpenAI writes them). Decoding such pieces to U+FFFD would give several tokens one
-        name, and top_logprobs, a dict keyed by name, would lose alternatives."""
-        raw = self.tokenizer.token_bytes(token)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     # ---- streaming ---------------------------------------------------------------------------------------------
     def opening_chunks(self) -> list[dict]:
@@ -104,3 +97,13 @@ class CompletionFormatter:
             for i, total in enumerate(totals)
         ]
         return {**self._object(choices), "usage": usage}
+
+
+def _name(raw: bytes) -> str:
+    """A token as the legacy shape names it: its text, or, for a piece of a UTF-8 character, its bytes as
+    `bytes:\\xe4\\xbd` (as OpenAI writes them). Decoding such pieces to U+FFFD would give several tokens one name,
+    and top_logprobs, a dict keyed by name, would lose alternatives."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

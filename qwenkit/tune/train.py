@@ -43,12 +43,17 @@ class TrainConfig:
     pack: bool = False  # each micro-batch in one row, attention kept inside each example
 
 
+def batches_per_epoch(n_examples: int, cfg: TrainConfig) -> int:
+    """Micro-batches in one pass over the examples (the last one may be short)."""
+    return math.ceil(n_examples / cfg.batch_size)
+
+
 def micro_batches(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
     """Example indices of every micro-batch of the whole run, in order. With max_steps, as many epochs as its steps
     need (transformers' Trainer does the same): the last may be cut short."""
     epochs = cfg.epochs
     if cfg.max_steps:
-        epochs = math.ceil(cfg.max_steps * cfg.grad_accum / math.ceil(n_examples / cfg.batch_size))
+        epochs = math.ceil(cfg.max_steps * cfg.grad_accum / batches_per_epoch(n_examples, cfg))
     out = []
     for epoch in range(epochs):
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
@@ -124,7 +129,7 @@ class Trainer:
     @property
     def epochs(self) -> float:
         """How many passes over the training examples the run makes (a fraction where max_steps ends mid-epoch)."""
-        per_epoch = math.ceil(len(self.train_examples) / self.cfg.batch_size)
+        per_epoch = batches_per_epoch(len(self.train_examples), self.cfg)
         return min(self.total_steps * self.cfg.grad_accum, len(self.batches)) / per_epoch
 
     def lr_at(self, step: int) -> float:
