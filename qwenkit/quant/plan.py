@@ -23,6 +23,7 @@ from qwenkit.kernels import blocks as block_kernels
 from qwenkit.kernels import build, library
 from qwenkit.kernels.cpu import cpu_flags, has_fbgemm, native_bf16, vnni
 from qwenkit.quant import tinygemm
+from qwenkit.quant.from_gguf import CONVERTIBLE
 
 GGML_FLOAT = ("F32", "F16", "BF16")
 # GGML type names whose 2-D tensors load as exact int4 (4-bit types) or int8 where there is no block kernel.
@@ -118,7 +119,8 @@ class KernelPlan:
             decode = f"{type_name} blocks x int8 ({self._c()})"
             return decode, decode if self.prompt_on_blocks([qtype]) else prompt
         float_type = type_name.upper() in GGML_FLOAT or type_name.startswith(("float", "bfloat"))
-        if quant == "none" or (quant == "auto" and (float_type or qtype is None)):
+        # auto keeps a type with no exact int8/int4 form (IQ*, Q8_1...) in float, as apply.gguf_format does
+        if quant == "none" or (quant == "auto" and (float_type or qtype is None or qtype not in CONVERTIBLE)):
             return "matmul fp32 (torch)", "matmul fp32 (torch)"
         four = quant == "int4" or (quant == "auto" and type_name in FOUR_BIT)
         if four:

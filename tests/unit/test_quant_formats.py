@@ -104,7 +104,7 @@ def test_auto_keeps_gguf_values_exact_without_block_kernels(tmp_path, qtype, fbg
     """Where no C block kernel runs (not built, QWENKIT_KERNELS=none, a type they lack), `auto` takes the file's
     own groups, fbgemm or not: re-quantizing Q5_0/Q6_K/Q8_0 rows to int8 made greedy answers drift."""
     from qwenkit.quant.apply import gguf_format
-    from qwenkit.quant.plan import KernelPlan
+    from qwenkit.quant.plan import FOUR_BIT, KernelPlan
 
     shape = (8, 256)
     path = _write(tmp_path / "q.gguf", {"w": (_random_raw(qtype, shape, np.random.default_rng(int(qtype))), qtype)})
@@ -114,6 +114,17 @@ def test_auto_keeps_gguf_values_exact_without_block_kernels(tmp_path, qtype, fbg
         ref = dequantize(f.raw("w"), qtype, shape[0] * shape[1]).reshape(shape)
     assert isinstance(got, EXPECTED[qtype][0]) and got.group == EXPECTED[qtype][1]
     assert np.array_equal(got.dequantize().numpy(), ref)
+    # and the plan that `info --kernels` prints says so
+    assert plan.linear(qtype.name, "auto")[0].startswith("int4 groups" if qtype.name in FOUR_BIT else "int8 groups")
+
+
+def test_the_plan_says_auto_keeps_types_without_an_exact_form_in_float():
+    from qwenkit.quant.plan import KernelPlan
+
+    plan = KernelPlan(variant=None, bf16=False, fbgemm=True, vnni=True, threads=1)
+    for name in ("IQ4_NL", "IQ2_XS", "Q8_1", "F16"):
+        assert GGMLType[name] not in CONVERTIBLE
+        assert plan.linear(name, "auto") == ("matmul fp32 (torch)", "matmul fp32 (torch)")
 
 def test_q4_0_nibble_layout_is_kept():
     rng = np.random.default_rng(1)
