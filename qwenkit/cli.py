@@ -34,6 +34,25 @@ def _quant_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model of the same vocabulary "
+                   "guesses tokens that the model checks (same text when greedy, same distribution when sampled)")
+    p.add_argument("--draft-tokens", type=_guess_count, default=4, metavar="N",
+                   help="tokens the draft guesses a step, at most (default 4)")
+    p.add_argument("--lookup", type=_guess_count, default=0, metavar="N",
+                   help="speculative decoding by prompt lookup: guess up to N tokens a step by copying what followed "
+                   "the last few tokens earlier in the prompt or answer (code edits, quoting, translation)")
+
+
+def _guess_count(text: str) -> int:
+    from qwenkit.engine.speculative import MAX_GUESS
+
+    value = _positive(text)
+    if value > MAX_GUESS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_GUESS}, got {value}")
+    return value
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -56,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
     run.add_argument("--quiet-stats", action="store_true", help="do not print speed statistics to stderr")
     _quant_arg(run)
+    _speculation_args(run)
     _sampling_args(run)
 
     pull = sub.add_parser("pull", help="download a model into the cache (sha256-checked)")
@@ -78,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int)
     bench.add_argument("--json", action="store_true")
     _quant_arg(bench)
+    _speculation_args(bench)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("model", nargs="?", help="short name, Hugging Face id, or path to .gguf / folder")
@@ -104,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve a LoRA adapter (PEFT folder) over the model; requests choose it with model=NAME "
                      "(repeatable)")
     _quant_arg(srv)
+    _speculation_args(srv)
 
     from qwenkit.apps.assistant.cli import add_arguments
 
@@ -166,9 +188,12 @@ def _load(args: argparse.Namespace):
     """The model of `run` or `bench`, its engine started with the command's KV dtype."""
     import qwenkit
     from qwenkit.engine.engine import kv_dtype
+    from qwenkit.runtime import speculation_for
 
     model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
-    model.start_engine(kv_dtype=kv_dtype(args.kv_dtype))
+    speculation = speculation_for(model, draft=args.draft, lookup=args.lookup,
+                                          draft_tokens=args.draft_tokens, quant=args.quant, threads=args.threads)
+    model.start_engine(kv_dtype=kv_dtype(args.kv_dtype), speculation=speculation)
     if args.verbose:
         print(model.describe_kernels(), file=sys.stderr)
     return model
@@ -292,7 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
         quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, lora=_lora_map(args.lora),
-        kv_dtype=args.kv_dtype,
+        kv_dtype=args.kv_dtype, draft=args.draft, draft_tokens=args.draft_tokens, lookup=args.lookup,
     )
     return serve(config, verbose=args.verbose)
 

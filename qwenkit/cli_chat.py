@@ -32,10 +32,12 @@ def stream_answer(model, messages: list[dict], think: bool | None, sampling: dic
 
 
 def print_stats(r: Response) -> None:
-    u = r.usage
+    u, s = r.usage, r.speculation
+    guesses = (f", guesses kept {s.accepted}/{s.proposed} ({100 * s.acceptance_rate:.0f}%), "
+               f"{s.tokens_per_pass:.2f} tokens per pass" if s is not None else "")
     print(
         f"[prompt {u.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, "
-        f"answer {u.completion_tokens} tokens at {r.generation_tps:.1f} tok/s, "
+        f"answer {u.completion_tokens} tokens at {r.generation_tps:.1f} tok/s{guesses}, "
         f"finish {r.finish_reason}, peak memory {r.peak_memory_gb:.2f} GB]",
         file=sys.stderr,
     )

@@ -20,6 +20,7 @@ from qwenkit.checkpoint import Checkpoint, open_checkpoint
 from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.engine.speculative import Speculation, check_vocabulary
 from qwenkit.errors import BadRequest, ContextTooLong
 from qwenkit.memory import give_back_large_frees
 from qwenkit.quant.plan import KernelPlan
@@ -234,6 +235,21 @@ class Model:
         for step in steps:
             total.merge(step)
         return total
+
+
+def speculation_for(target: Model, *, draft: str | Path | None = None, lookup: int = 0, draft_tokens: int = 4,
+                    quant: str = "auto", threads: int | None = None) -> Speculation | None:
+    """The engine's speculative decoding for `target` (None when neither a draft nor lookup is asked for): the
+    draft model is loaded here (by short name, hub id or path, as `load` takes them) and must share the target's
+    vocabulary (BadConfig otherwise)."""
+    if draft is None and not lookup:
+        return None
+    draft_model = None
+    if draft is not None:
+        loaded = load(draft, threads=threads, quant=quant)
+        check_vocabulary(target.tokenizer, loaded.tokenizer, str(draft))
+        draft_model = loaded.model
+    return Speculation(draft=draft_model, lookup=lookup, draft_tokens=draft_tokens)
 
 
 def load(

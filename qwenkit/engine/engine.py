@@ -10,7 +10,8 @@
 A worker thread runs the scheduler (qwenkit.engine.scheduler): requests join and leave the running batch at every
 step, prompts are prefilled in chunks between decode steps, and the KV cache is a pool of blocks shared through
 the prefix cache (qwenkit.engine.paged). With an AdapterSet (qwenkit.engine.adapters), each request may name a
-LoRA adapter (`GenerationRequest.adapter`); requests of different adapters share every step.
+LoRA adapter (`GenerationRequest.adapter`); requests of different adapters share every step. With a Speculation
+(qwenkit.engine.speculative: a draft model, prompt lookup), decoding requests guess tokens that the model checks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from qwenkit.quant.plan import default_kv_dtype
 
 if TYPE_CHECKING:
     from qwenkit.engine.adapters import AdapterSet
+    from qwenkit.engine.speculative import Speculation
 
 
 @dataclass
@@ -154,6 +156,7 @@ class Engine:
         prefill_chunk: int | None = None,
         kv_dtype: torch.dtype | None = None,
         adapters: AdapterSet | None = None,
+        speculation: Speculation | None = None,
     ):
         prefill_chunk = prefill_chunk or PREFILL_CHUNK  # rows per step (decode + prompt), see Scheduler._plan
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
@@ -162,7 +165,7 @@ class Engine:
         self.scheduler = Scheduler(
             model, tokenizer, max_batch=max_batch, max_model_len=self.max_model_len, block_size=block_size,
             kv_blocks=kv_blocks, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype or default_kv_dtype(model.dtype),
-            adapters=adapters,
+            adapters=adapters, speculation=speculation,
         )
         self._incoming: queue.SimpleQueue[RequestStream] = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -111,6 +111,17 @@ class BlockPool:
         self.hits += len(blocks) * self.block_size
         return blocks, hashes
 
+    def register_full_blocks(self, seq) -> None:
+        """Offer each block of `seq` that is full of computed tokens to the prefix cache, in order. seq has tokens,
+        blocks, hashes (of the blocks offered so far), computed (leading tokens whose keys and values are in the
+        pool) and root (where its hash chain starts)."""
+        bs = self.block_size
+        while (len(seq.hashes) + 1) * bs <= seq.computed:
+            i = len(seq.hashes)
+            h = block_hash(seq.hashes[-1] if seq.hashes else seq.root, seq.tokens[i * bs : (i + 1) * bs])
+            self.register(seq.blocks[i], h)
+            seq.hashes.append(h)
+
     def register(self, block: int, h: bytes) -> None:
         """Offer a newly filled block to the prefix cache (a concurrent twin may have registered it first)."""
         if h not in self.cached and block not in self.hash_of:

@@ -33,6 +33,24 @@ class Usage:
 
 
 @dataclass
+class SpeculationStats:
+    """How speculative decoding went for one answer (qwenkit.engine.speculative)."""
+
+    proposed: int  # tokens guessed (prompt lookup or draft model)
+    accepted: int  # of those, tokens the model kept
+    decode_passes: int  # model passes after the prompt's; each gave one token of the model's own plus kept guesses
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens each decode pass gave (1.0 without speculation)."""
+        return (self.decode_passes + self.accepted) / self.decode_passes if self.decode_passes else 1.0
+
+
+@dataclass
 class Response:
     text: str = ""  # answer text (a delta while streaming)
     reasoning: str = ""  # <think> text (a delta while streaming)
@@ -46,6 +64,7 @@ class Response:
     generation_tps: float = 0.0  # decode tokens per second
     time_to_first_token: float = 0.0  # seconds
     peak_memory_gb: float = 0.0  # peak resident memory of the process
+    speculation: SpeculationStats | None = None  # on the last response, where the engine speculates
 
     def merge(self, other: Response) -> None:
         """Append a streamed step to this aggregate."""
@@ -60,3 +79,4 @@ class Response:
             self.usage = other.usage
             self.prompt_tps, self.generation_tps = other.prompt_tps, other.generation_tps
             self.time_to_first_token, self.peak_memory_gb = other.time_to_first_token, other.peak_memory_gb
+            self.speculation = other.speculation

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwenkit.engine.paged import BlockPool, PagedBatch
-from qwenkit.engine.sampling import TokenLogprob
 from qwenkit.quant.linear import decode_rows
 
 if TYPE_CHECKING:
@@ -46,9 +45,10 @@ class ModelRunner:
         self.model, self.pool, self.adapters = model, pool, adapters
         self._offsets = torch.arange(pool.block_size)
 
-    def run(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """Compute tokens [first, end) of each planned sequence; sample where a sequence's pass reached its last
-        known token. -> (sequence, token, logprob) for each sample, in plan order."""
+    def run(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Compute tokens [first, end) of each planned sequence. -> (sequence, logits [r, V]) for each sequence
+        whose pass reached its last known token, in plan order: r = 1, or 1 + k for a sequence whose last k tokens
+        are guesses (`seq.draft`, speculative decoding), one row per guess and one after them."""
         generated, prompt = _Rows(), _Rows()
         last = []  # each planned sequence's last computed token: (a generated one?, its row within its kind)
         for seq, first, end in plan:
@@ -57,11 +57,17 @@ class ModelRunner:
             split = min(max(first, seq.prompt_len), end)  # tokens from prompt_len on are the model's own
             if first < split:
                 prompt.add(seq, first, split, slots)
-            if split < end:
+            if seq.draft:  # a decode step with guesses (all generated tokens): one segment per row, so each
+                # attends exactly as in a decode step of its own (PyTorch's attention takes another path for a
+                # segment of several rows)
+                for row_end in range(first + 1, end + 1):
+                    generated.add(seq, row_end - 1, row_end, slots)
+            elif split < end:
                 generated.add(seq, split, end, slots)
             last.append((split < end, len(generated.ids if split < end else prompt.ids) - 1))
         flat = [row if mine else len(generated.ids) + row for mine, row in last]
-        sample = [(seq, row) for (seq, _, end), row in zip(plan, flat) if end == len(seq.tokens)]
+        sample = [(seq, row - len(seq.draft), row + 1) for (seq, _, end), row in zip(plan, flat)
+                  if end == len(seq.tokens)]
         batch = PagedBatch(self.pool, generated.segments + prompt.segments,
                            torch.cat(generated.positions + prompt.positions))
         ids = torch.tensor([generated.ids + prompt.ids])
@@ -73,6 +79,11 @@ class ModelRunner:
             return []
         # The head only for the rows that sample, all on the row kernels: a prompt's last token gets the same
         # logits whether it ends a long chunk or comes alone after a prefix-cache hit.
-        with decode_rows(len(sample)):
-            logits = self.model.head(hidden[[row for _, row in sample]])
-        return [(seq, *seq.sampler(row_logits)) for (seq, _), row_logits in zip(sample, logits)]
+        rows = [r for _, first, end in sample for r in range(first, end)]
+        with decode_rows(len(rows)):
+            logits = self.model.head(hidden[rows])
+        out, at = [], 0
+        for seq, first, end in sample:
+            out.append((seq, logits[at : at + end - first]))
+            at += end - first
+        return out

@@ -132,34 +132,73 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """logits [V] (fp32, raw) -> (token id, its logprob record if asked for)."""
-        p = self.params
         raw = logits.float()
+        x = self._scores(raw)
+        if self.params.greedy:
+            token = int(torch.argmax(x))
+        else:
+            token = int(torch.multinomial(self.distribution(x), 1, generator=self.generator))
+        return token, self._commit(raw, token)
+
+    def check(self, logits: torch.Tensor, proposed: int, q: torch.Tensor | None) -> tuple[int, TokenLogprob | None]:
+        """Speculative decoding: the token at a position where `proposed` was guessed, drawn so that the result
+        follows this sampler's distribution p exactly whatever the guess (Leviathan et al. 2023): the guess is kept
+        with probability min(1, p/q), else a token is drawn from max(p - q, 0) renormalised. q: the distribution
+        the guess was drawn from ([V] probabilities), or None for a guess made without one (prompt lookup: q is
+        then all on the guess). Greedy: the guess is kept when it is the argmax. -> (token, logprob record)."""
+        raw = logits.float()
+        x = self._scores(raw)
+        if self.params.greedy:
+            token = int(torch.argmax(x))
+            return token, self._commit(raw, token)
+        p = self.distribution(x)
+        p = p / p.sum()  # top-p and min-p leave the kept mass short of 1
+        if q is None:
+            keep, residual = p[proposed], p.clone()
+            residual[proposed] = 0.0
+        else:
+            keep = torch.clamp(p[proposed] / q[proposed], max=1.0)
+            residual = (p - q).clamp_min_(0.0)
+        if float(torch.rand((), generator=self.generator)) < float(keep):
+            token = proposed
+        else:  # a residual with no mass left (p == q up to rounding) can only happen where keep was 1
+            token = int(torch.multinomial(residual if float(residual.sum()) > 0 else p, 1, generator=self.generator))
+        return token, self._commit(raw, token)
+
+    def _scores(self, raw: torch.Tensor) -> torch.Tensor:
+        """The logits the draw is made from: penalties, logit_bias and the grammar's mask applied to a copy."""
         x = self.penalise(raw.clone())
         if self.bias_ids.numel():
             x[self.bias_ids] += self.bias_values
         if self.constraint is not None:
             self.constraint.mask(x)
-        if p.greedy:
-            token = int(torch.argmax(x))
-        else:
-            x = x / p.temperature
-            if p.top_k > 0 and p.top_k < x.numel():
-                kth = torch.topk(x, p.top_k).values[-1]
-                x = x.masked_fill(x < kth, float("-inf"))
-            probs = torch.softmax(x, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # Keep the smallest set whose mass reaches top_p (always at least the top token).
-                drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
-                probs = probs.scatter(0, order[drop], 0.0)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        return x
+
+    def distribution(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampling weights [V] from scores: temperature, then top-k, top-p and min-p (the tokens top-p and min-p
+        drop are zeroed, the rest not renormalised: torch.multinomial does not need it)."""
+        p = self.params
+        x = x / p.temperature
+        if p.top_k > 0 and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest set whose mass reaches top_p (always at least the top token).
+            drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
+            probs = probs.scatter(0, order[drop], 0.0)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs
+
+    def _commit(self, raw: torch.Tensor, token: int) -> TokenLogprob | None:
+        """The token is the answer's next: count it for the penalties, advance the grammar, report its logprob."""
         self.output_counts[token] += 1
         self.seen[token] = True
         if self.constraint is not None:
             self.constraint.accept(token)
-        return token, self._logprob(raw, token) if p.logprobs else None
+        return self._logprob(raw, token) if self.params.logprobs else None
 
     def _logprob(self, raw: torch.Tensor, token: int) -> TokenLogprob:
         logprobs = torch.log_softmax(raw, dim=-1)

@@ -8,6 +8,9 @@ Every step:
    `prefill_chunk` rows in all, so a long prompt is spread over several steps and never stalls the others long;
 4. each request whose pass produced a next-token distribution samples (the ModelRunner runs the pass and the
    samplers, qwenkit.engine.runner), streams its Response, and leaves when done.
+With speculation (qwenkit.engine.speculative), a decoding request may also guess its next few tokens: they run
+through the model in the same pass, and the step gives it every guess the model agrees with plus one token of the
+model's own; the rest are rolled back (their blocks freed).
 When decoding needs a block and none is left, the youngest request is preempted: its blocks are freed and it waits
 at the head of the queue to recompute its context later (its sampler and text state are kept, so no output is lost).
 Requests may use different LoRA adapters in one step: each flat row carries its request's adapter id, and the
@@ -25,9 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwenkit.engine.output import OutputProcessor
-from qwenkit.engine.paged import BlockPool, block_hash
+from qwenkit.engine.paged import BlockPool
+from qwenkit.engine.response import SpeculationStats
 from qwenkit.engine.runner import ModelRunner
 from qwenkit.engine.sampling import Sampler, TokenLogprob
+from qwenkit.engine.speculative import Proposer, Speculation, SpecState, verify
 from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
 from qwenkit.memory import peak_rss_bytes
 
@@ -50,12 +55,16 @@ class EngineStats:
     prefix_cache_hits: int  # of those, tokens whose keys and values were reused
     preemptions: int = 0  # requests sent back to the queue because the block pool ran out
     kv_bytes_per_token: int = 0  # keys and values of one token over all layers, in the pool's dtype
+    spec_proposed: int = 0  # tokens guessed by speculation (lookup or draft model)
+    spec_accepted: int = 0  # of those, tokens the target model kept
+    decode_passes: int = 0  # decode steps of one request (one target pass each, guesses or not)
+    decode_tokens: int = 0  # tokens those steps gave
 
 
 class Sequence:
     """One request inside the engine: its tokens, its blocks and its sampling / output state."""
 
-    def __init__(self, stream, vocab_size: int, tokenizer, max_model_len: int):
+    def __init__(self, stream, vocab_size: int, tokenizer, max_model_len: int, spec: SpecState | None = None):
         req = stream.request
         self.stream = stream
         self.tokens = list(req.prompt_ids)
@@ -70,6 +79,10 @@ class Sequence:
         self.output = OutputProcessor(tokenizer, self.prompt_len, req.params.stop, req.stop_ids, req.parser)
         self.first_token_at = 0.0
         self.last_token_at = 0.0
+        self.spec = spec  # its speculation state, where the engine speculates
+        self.decode_passes = 0  # steps after the prompt's that gave it tokens
+        self.draft: list[int] = []  # this step's guessed tokens (the last tokens of `tokens` during the step)
+        self.draft_q: list | None = None  # the distributions the guesses were drawn from (None: lookup or greedy)
 
     @property
     def pending(self) -> int:
@@ -81,6 +94,7 @@ class Scheduler:
     def __init__(
         self, model, tokenizer, *, max_batch: int, max_model_len: int, block_size: int, kv_blocks: int | None,
         prefill_chunk: int, kv_dtype: torch.dtype, adapters: AdapterSet | None = None,
+        speculation: Speculation | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk
@@ -91,6 +105,10 @@ class Scheduler:
             kv_blocks = -(-tokens // block_size)
         self.pool = BlockPool(model.config, kv_blocks, block_size, kv_dtype)
         self.runner = ModelRunner(model, self.pool, adapters)
+        self.proposer = None if speculation is None else Proposer(
+            speculation, num_blocks=kv_blocks, block_size=block_size, kv_dtype=kv_dtype,
+            vocab_size=model.config.vocab_size)
+        self.spec_proposed = self.spec_accepted = self.decode_passes = self.decode_tokens = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -105,7 +123,8 @@ class Scheduler:
             held = self.pool.num_blocks * self.block_size
             stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {held}"))
             return
-        self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len))
+        spec = self.proposer.new_state() if self.proposer is not None else None
+        self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len, spec))
 
     def waiting_count(self) -> int:
         return len(self.waiting)
@@ -122,7 +141,8 @@ class Scheduler:
             running=len(self.running), waiting=len(self.waiting) + extra_waiting, kv_blocks_used=self.pool.used,
             kv_blocks_total=self.pool.num_blocks, prefix_cache_queries=self.pool.queries,
             prefix_cache_hits=self.pool.hits, preemptions=self.preemptions,
-            kv_bytes_per_token=self.pool.bytes_per_token,
+            kv_bytes_per_token=self.pool.bytes_per_token, spec_proposed=self.spec_proposed,
+            spec_accepted=self.spec_accepted, decode_passes=self.decode_passes, decode_tokens=self.decode_tokens,
         )
 
     def fail_all(self, error: QwenkitError) -> None:
@@ -133,6 +153,8 @@ class Scheduler:
     def _drop(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
         seq.blocks, seq.hashes, seq.computed = [], [], 0
+        if self.proposer is not None:
+            self.proposer.forget(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -146,18 +168,73 @@ class Scheduler:
         if not plan:
             return
         try:
-            sampled = self.runner.run(plan)
+            if self.proposer is not None:
+                plan = self._guess(plan)
+            outputs = self.runner.run(plan)
             for seq, first, end in plan:
                 seq.computed = end
-                self._register_full_blocks(seq)
+            results = [(seq, self._verify(seq, logits) if seq.draft else [seq.sampler(logits[0])])
+                       for seq, logits in outputs]
+            for seq, _, _ in plan:
+                self.pool.register_full_blocks(seq)
             now = time.monotonic()
-            for seq, token, logprob in sampled:
-                self._append(seq, token, logprob, now)
+            for seq, tokens in results:
+                if len(seq.tokens) > seq.prompt_len:  # a decode step (not a prompt's first token)
+                    self.decode_passes += 1
+                    self.decode_tokens += len(tokens)
+                    seq.decode_passes += 1
+                for token, logprob in tokens:
+                    if self._append(seq, token, logprob, now):
+                        break
         except Exception as e:  # a bug must not take the server down: fail the requests in this batch
             log.exception("engine step failed")
             for seq, _, _ in plan:
                 self._drop(seq)
                 seq.stream.put(QwenkitError(f"internal engine error: {type(e).__name__}: {e}"))
+
+    # ---- speculation ---------------------------------------------------------------------------------------------
+    def _guess(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, int, int]]:
+        """Guesses for the decoding sequences of the plan, appended to their tokens, with blocks for them."""
+        wants = []
+        for seq, first, end in plan:
+            seq.draft, seq.draft_q = [], None
+            decoding = end == len(seq.tokens) and end - first == 1 and first >= seq.prompt_len
+            if seq.spec is not None and decoding:
+                k = seq.spec.wanted(seq.limit - len(seq.tokens) - 1)  # room for the target's own token after them
+                if k > 0:
+                    wants.append((seq, k))
+        if not wants:
+            return plan
+        self.proposer.propose(wants)
+        for seq, _ in wants:
+            # Blocks for the guesses from what is free; never by preempting (that is kept for real tokens).
+            room = (len(seq.blocks) + self.pool.available) * self.block_size - len(seq.tokens)
+            del seq.draft[max(room, 0):]
+            if not seq.draft:
+                seq.draft_q = None
+                continue
+            while len(seq.blocks) * self.block_size < len(seq.tokens) + len(seq.draft):
+                seq.blocks.append(self.pool.allocate())
+            seq.tokens += seq.draft
+        return [(seq, first, end + len(seq.draft)) for seq, first, end in plan]
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
+        """The tokens this step gives a sequence that guessed; its guesses leave its tokens, and the keys and values
+        of those the model did not keep are rolled back (the blocks past them freed)."""
+        guess, q = seq.draft, seq.draft_q
+        committed = len(seq.tokens) - len(guess)
+        del seq.tokens[committed:]
+        seq.draft, seq.draft_q = [], None
+        tokens = verify(seq.sampler, logits, guess, q)
+        kept = len(tokens) - 1
+        seq.spec.record(len(guess), kept)
+        self.spec_proposed += len(guess)
+        self.spec_accepted += kept
+        seq.computed = committed + kept  # the kept guesses' keys and values are right; the target's token is next
+        keep_blocks = -(-seq.computed // self.block_size)
+        self.pool.release(seq.blocks[keep_blocks:])
+        del seq.blocks[keep_blocks:]
+        return tokens
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -226,15 +303,8 @@ class Scheduler:
         self._drop(seq)
         self.waiting.appendleft(seq)
 
-    def _register_full_blocks(self, seq: Sequence) -> None:
-        bs = self.block_size
-        while (len(seq.hashes) + 1) * bs <= seq.computed:
-            i = len(seq.hashes)
-            h = block_hash(seq.hashes[-1] if seq.hashes else seq.root, seq.tokens[i * bs : (i + 1) * bs])
-            self.pool.register(seq.blocks[i], h)
-            seq.hashes.append(h)
-
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> bool:
+        """Add a sampled token to the answer. -> whether the answer is done (the sequence has left)."""
         if not seq.first_token_at:
             seq.first_token_at = now
         seq.last_token_at = now
@@ -244,10 +314,14 @@ class Scheduler:
             seq.stream.put(step)
         if seq.output.stopped or len(seq.tokens) >= seq.limit:
             self._finish(seq)
+            return True
+        return False
 
     def _finish(self, seq: Sequence) -> None:
         last = seq.output.finish(seq.stream.submitted, seq.first_token_at, seq.last_token_at)
         last.peak_memory_gb = peak_rss_bytes() / 2**30
+        if seq.spec is not None:
+            last.speculation = SpeculationStats(seq.spec.proposed, seq.spec.accepted, seq.decode_passes)
         self._drop(seq)
         seq.stream.put(last)
         seq.stream.close()

@@ -197,7 +197,8 @@ class NativeBackend(Backend):
 
         serve_config = ServeConfig(model=config.model, served_model_name=config.name, quant=config.quant,
                                    threads=config.threads, max_model_len=config.max_model_len,
-                                   max_batch=config.max_batch, lora=dict(config.lora))
+                                   max_batch=config.max_batch, lora=dict(config.lora), draft=config.draft,
+                                   draft_tokens=config.draft_tokens, lookup=config.lookup)
         self.service = ModelService(serve_config, loader=loader)
         self.metrics = Metrics(self.service.stats)
 

@@ -21,6 +21,8 @@
         model: qwen2.5-coder:0.5b
         quant: auto
         threads: 2
+        lookup: 4              # optional: speculative decoding by prompt lookup (up to 4 guessed tokens a step)
+        # draft: PATH          # optional: or by a smaller draft model with the same vocabulary
 
 The YAML is composed to its node tree (not just loaded) so that each value keeps its line for error messages.
 """
@@ -34,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from qwenkit.engine.speculative import MAX_GUESS
 from qwenkit.errors import BadConfig
 
 BACKEND_TYPES = ("native", "openai")
@@ -66,6 +69,9 @@ class BackendConfig:
     max_model_len: int | None = None
     max_batch: int = 8
     lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters served over the model: name -> folder
+    draft: str | None = None  # a draft model for speculative decoding (short name, hub id or path)
+    draft_tokens: int = 4  # tokens the draft guesses a step, at most
+    lookup: int = 0  # prompt lookup guesses up to this many tokens a step (0: off)
     line: int = 0  # where it was declared, for later messages
 
     def model_for(self, requested: str | None) -> str | None:
@@ -89,7 +95,8 @@ _TOP_KEYS = {"backends", "probe_interval", "served_model_name"}
 _COMMON = {"name", "type", "model", "aliases", "connect_timeout", "first_token_timeout", "inter_token_timeout",
            "retries", "backoff", "breaker", "priority"}
 _KEYS = {"openai": _COMMON | {"base_url", "api_key", "api_key_env"},
-         "native": _COMMON | {"quant", "threads", "max_model_len", "max_batch", "lora"}}
+         "native": _COMMON | {"quant", "threads", "max_model_len", "max_batch", "lora", "draft", "draft_tokens",
+                              "lookup"}}
 _NUMBERS = ("connect_timeout", "first_token_timeout", "inter_token_timeout", "backoff")
 
 
@@ -178,15 +185,19 @@ def _backend(r: _Reader, node: yaml.Node) -> BackendConfig:
     if "name" not in fields:
         raise r.fail(node, "backend has no 'name'")
     b = BackendConfig(name=r.typed(fields["name"][1], "name", (str,)), type=kind, line=node.start_mark.line + 1)
-    for key in ("model", "quant"):
+    for key in ("model", "quant", "draft"):
         if key in fields:
             setattr(b, key, r.typed(fields[key][1], key, (str,)))
     for key in _NUMBERS:
         if key in fields:
             setattr(b, key, float(r.typed(fields[key][1], key, (int, float), 0)))
-    for key, low in (("retries", 0), ("priority", 0), ("threads", 1), ("max_model_len", 1), ("max_batch", 1)):
+    for key, low in (("retries", 0), ("priority", 0), ("threads", 1), ("max_model_len", 1), ("max_batch", 1),
+                     ("draft_tokens", 1), ("lookup", 0)):
         if key in fields:
             setattr(b, key, r.typed(fields[key][1], key, (int,), low))
+    for key in ("draft_tokens", "lookup"):
+        if key in fields and b.__dict__[key] > MAX_GUESS:
+            raise r.fail(fields[key][1], f"'{key}' must be at most {MAX_GUESS}, got {b.__dict__[key]}")
     for key, what in (("aliases", "requested model names to this backend's model names"),
                       ("lora", "adapter names to adapter folders")):
         if key in fields:

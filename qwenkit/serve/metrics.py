@@ -41,6 +41,15 @@ class _EngineCollector(Collector):
             "qwenkit_prefix_cache_hits", "Prompt tokens whose KV was reused from the prefix cache",
             value=s.prefix_cache_hits,
         )
+        yield CounterMetricFamily("qwenkit_spec_draft_tokens", "Tokens guessed by speculative decoding (prompt "
+                                  "lookup or draft model)", value=s.spec_proposed)
+        yield CounterMetricFamily("qwenkit_spec_accepted_tokens", "Guessed tokens the model kept",
+                                  value=s.spec_accepted)
+        yield CounterMetricFamily("qwenkit_decode_passes", "Decode steps of one request (one model pass each)",
+                                  value=s.decode_passes)
+        yield CounterMetricFamily("qwenkit_decode_tokens", "Tokens the decode steps gave (divided by "
+                                  "qwenkit_decode_passes: tokens per pass, above 1 with speculation)",
+                                  value=s.decode_tokens)
 
 
 class Metrics:

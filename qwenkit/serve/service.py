@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from qwenkit.engine.engine import Engine, kv_dtype
 from qwenkit.errors import BadConfig, QwenkitError
+from qwenkit.runtime import speculation_for
 
 log = logging.getLogger("qwenkit.serve")
 
@@ -35,6 +36,9 @@ class ServeConfig:
     drain_timeout: float = 300.0  # seconds SIGTERM waits for in-flight requests
     lora: dict[str, str] = field(default_factory=dict)  # adapter name (a `model` clients may ask for) -> folder
     kv_dtype: str | None = None  # "f16" or "f32"; None: the engine's default (f16 for a float32 model)
+    draft: str | None = None  # speculative decoding: a draft model (short name, hub id or path)
+    draft_tokens: int = 4  # tokens the draft guesses a step, at most
+    lookup: int = 0  # speculative decoding: prompt lookup of up to this many tokens a step (0: off)
 
     @property
     def name(self) -> str:
@@ -94,9 +98,12 @@ class ModelService:
                 log.info("adapter %s loaded from %s", name, folder)
         # An engine of the server's own (the same kind as the model's, with the server's options): another server
         # or the Python API over the same loaded model keeps its own.
-        engine = Engine(model.model, model.tokenizer, max_batch=self.config.max_batch,
-                        max_queue=self.config.max_queue, max_model_len=model.context_length,
-                        kv_dtype=kv_dtype(self.config.kv_dtype), adapters=adapters)
+        c = self.config
+        speculation = speculation_for(model, draft=c.draft, lookup=c.lookup, draft_tokens=c.draft_tokens,
+                                      quant=c.quant, threads=c.threads)
+        engine = Engine(model.model, model.tokenizer, max_batch=c.max_batch, max_queue=c.max_queue,
+                        max_model_len=model.context_length, kv_dtype=kv_dtype(c.kv_dtype), adapters=adapters,
+                        speculation=speculation)
         engine.start()
         self.model, self.engine, self.adapters = model, engine, adapters
         try:  # now rather than on the first JSON or tool_choice request, which would wait for it
