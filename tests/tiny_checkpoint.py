@@ -190,6 +190,19 @@ def tiny_model(model_type: str = "qwen2", seed: int = 0):
     return model
 
 
+def other_vocabulary(src: Path, dest: Path) -> Path:
+    """A copy of the tiny folder `src` whose tokenizer names one token differently: a would-be draft model whose
+    vocabulary is not the target's."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    data = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    vocab["renamed-token"] = vocab.pop(min(vocab, key=vocab.get))
+    (dest / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return dest
+
+
 def tiny_hf_folder(
     dest: Path,
     model_type: str = "qwen2",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_checkpoint import tiny_gguf, tiny_hf_folder, tiny_model
+from tests.tiny_checkpoint import other_vocabulary, tiny_gguf, tiny_hf_folder, tiny_model
 from tests.unit.test_hub import FakeHub, closed_port_url
 
 TIMEOUT = 120  # seconds per tiny-checkpoint command (each is ~3-6 s: mostly importing torch)
@@ -334,6 +334,26 @@ def test_run_seed_gives_the_same_answer(env, tiny, api_models):
     expected = api_models("gguf").chat([{"role": "user", "content": PROMPT}], temperature=1.0, seed=1234,
                                        max_tokens=12)
     assert first.out == shown(expected.text)
+
+
+def test_run_with_speculation_prints_the_same_answer(env, tiny):
+    """--lookup and --draft (here the model's own weights) change the speed, never the greedy text; the statistics
+    line says how many guesses were kept."""
+    prompt = "one two three, one two three, one two three"
+    args = ["run", str(tiny["hf"]), prompt, "--temperature", "0", "--max-tokens", "24"]
+    plain = run_cli(*args, "--quiet-stats", env=env)
+    assert plain.rc == 0 and plain.out.strip(), str(plain)
+    for extra in (["--lookup", "4"], ["--draft", str(tiny["hf"]), "--draft-tokens", "3"]):
+        r = run_cli(*args, *extra, env=env)
+        assert r.rc == 0, str(r)
+        assert r.out == plain.out, str(r)
+        assert re.search(r"guesses kept \d+/\d+ \(\d+%\), [\d.]+ tokens per pass", r.err), str(r)
+
+
+def test_run_with_a_draft_of_another_vocabulary(env, tiny, tmp_path):
+    other = other_vocabulary(tiny["hf"], tmp_path / "other-vocab")
+    r = run_cli("run", str(tiny["hf"]), PROMPT, "--draft", str(other), *GREEDY, env=env)
+    assert_one_error_line(r, f"draft model {other}", "vocabulary differs")
 
 
 def test_run_prompt_from_stdin(env, tiny, api_models):

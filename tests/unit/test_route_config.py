@@ -70,6 +70,9 @@ def test_api_key_env(monkeypatch):
     ("backends:\n  - name: a\n    type: native\n    model: y\n    lora: [x]\n", 5,
      "'lora' must map adapter names to adapter folders"),
     ("backends:\n  - name: a\n    type: openai\n    base_url: http://h\n    lora: {x: y}\n", 5, "unknown key 'lora'"),
+    ("backends:\n  - name: a\n    type: native\n    model: y\n    lookup: 99\n", 5, "'lookup' must be at most 16"),
+    ("backends:\n  - name: a\n    type: native\n    model: y\n    draft_tokens: 0\n", 5, "'draft_tokens' must be"),
+    ("backends:\n  - name: a\n    type: openai\n    base_url: http://h\n    draft: m\n", 5, "unknown key 'draft'"),
 ])
 def test_bad_config_names_the_line(text, line, needle):
     with pytest.raises(BadConfig) as e:

@@ -173,6 +173,26 @@ def test_metrics_count_tokens_and_free_blocks(client):
         config.head_dim * 4
 
 
+def test_speculation_keeps_the_text_and_is_counted_in_metrics(client, tiny_model):
+    """A server with prompt lookup answers greedy requests with the text of a server without it; /metrics counts
+    the guesses, those kept, and the tokens each decode pass gave."""
+    body = dict(messages=[{"role": "user", "content": "one two three, one two three, one two three"}],
+                temperature=0, max_tokens=24)
+    expected = chat(client, **body).json()["choices"][0]["message"]["content"]
+    speculating = make_client(tiny_model, lookup=4)
+    try:
+        before = metric_values(speculating)
+        assert chat(speculating, **body).json()["choices"][0]["message"]["content"] == expected
+        after = metric_values(speculating)
+    finally:
+        speculating.app.state.service.shutdown()
+    kept = after["qwenkit_spec_accepted_tokens_total"] - before.get("qwenkit_spec_accepted_tokens_total", 0)
+    guessed = after["qwenkit_spec_draft_tokens_total"] - before.get("qwenkit_spec_draft_tokens_total", 0)
+    passes = after["qwenkit_decode_passes_total"] - before.get("qwenkit_decode_passes_total", 0)
+    assert 0 < kept <= guessed
+    assert after["qwenkit_decode_tokens_total"] - before.get("qwenkit_decode_tokens_total", 0) == passes + kept
+
+
 def metric_values(client) -> dict[str, float]:
     text = client.get("/metrics").text
     return {k: float(v) for k, v in re.findall(r"^(qwenkit_\w+) (\S+)$", text, re.M)}

@@ -13,9 +13,6 @@ What is checked:
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -23,7 +20,7 @@ from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.sampling import Sampler, SamplingParams
 from qwenkit.engine.speculative import Speculation, SpecState, check_vocabulary, verify
 from qwenkit.errors import BadConfig
-from tests.tiny_checkpoint import tiny_model
+from tests.tiny_checkpoint import other_vocabulary, tiny_model
 from tests.unit.test_engine import ARCHITECTURES, PROMPTS, alone, run_all, wait_idle
 
 # Prompts that repeat themselves, so that prompt lookup finds matches (the tiny models also repeat themselves).
@@ -202,13 +199,7 @@ def test_guessing_adapts_and_pauses_after_misses():
 def test_a_draft_of_another_vocabulary_is_refused(tiny_hf_path, tmp_path):
     import qwenkit
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny_hf_path, other)
-    data = json.loads((other / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    first = min(vocab, key=vocab.get)
-    vocab["renamed-token"] = vocab.pop(first)
-    (other / "tokenizer.json").write_text(json.dumps(data))
+    other = other_vocabulary(tiny_hf_path, tmp_path / "other")
     target = qwenkit.load(tiny_hf_path, pull=False)
     with pytest.raises(BadConfig, match="draft model .*other.*vocabulary differs"):
         check_vocabulary(target.tokenizer, qwenkit.load(other, pull=False).tokenizer, str(other))
