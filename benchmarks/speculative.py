@@ -105,7 +105,7 @@ class Qwenkit:
 class LlamaCpp:
     """llama-cpp-python on the same GGUF file: plain, and with its prompt-lookup decoding."""
 
-    STOP = {151643, 151645}
+    STOP = frozenset({151643, 151645})
 
     def __init__(self, path: Path, lengths: list[int], threads: int):
         from llama_cpp import Llama

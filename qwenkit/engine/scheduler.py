@@ -32,7 +32,7 @@ from qwenkit.engine.paged import BlockPool
 from qwenkit.engine.response import SpeculationStats
 from qwenkit.engine.runner import ModelRunner
 from qwenkit.engine.sampling import Sampler, TokenLogprob
-from qwenkit.engine.speculative import Proposer, Speculation, SpecState, verify
+from qwenkit.engine.speculative import Proposer, SpecState, Speculation, verify
 from qwenkit.errors import ContextTooLong, QwenkitError, RequestTimeout
 from qwenkit.memory import peak_rss_bytes
 

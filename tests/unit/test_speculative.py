@@ -18,7 +18,7 @@ import torch
 
 from qwenkit.engine.engine import Engine, GenerationRequest
 from qwenkit.engine.sampling import Sampler, SamplingParams
-from qwenkit.engine.speculative import Speculation, SpecState, check_vocabulary, verify
+from qwenkit.engine.speculative import SpecState, Speculation, check_vocabulary, verify
 from qwenkit.errors import BadConfig
 from tests.tiny_checkpoint import other_vocabulary, tiny_model
 from tests.unit.test_engine import ARCHITECTURES, PROMPTS, alone, run_all, wait_idle
