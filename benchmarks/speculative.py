@@ -112,8 +112,10 @@ class LlamaCpp:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         def make(draft):
+            # a draft's guesses are checked against logits of every row, which llama-cpp-python keeps only with
+            # logits_all
             return Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                         verbose=False, draft_model=draft)
+                         verbose=False, draft_model=draft, logits_all=draft is not None)
 
         self.llms = {"plain": make(None)}
         for n in lengths:
@@ -209,6 +211,7 @@ def main() -> int:
         prompts = {f"code {i + 1}": text for i, text in enumerate(CODE_PROMPTS)}
         rows = run_part("draft", [("qwenkit", name, ours) for name in ours.engines], prompts, args)
         result["parts"]["draft"] = {"target": str(target), "draft": str(args.draft or default), "rows": rows}
+        args.out = write_result(result, "speculative", args.out)  # kept if the next part fails
         print_table(f"draft model: target {target.name}, draft {(args.draft or default).name}", rows)
         for engine in ours.engines.values():
             engine.shutdown(drain=False)
