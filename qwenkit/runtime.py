@@ -67,9 +67,11 @@ class Model:
         self.quant = quant
         give_back_large_frees()
         self.kernel_plan = KernelPlan.detect()
+        # The tokenizer first: building it takes ~60 MB for a moment, which then does not stack on the weights
+        # (peak resident memory), and a GGUF's vocabulary arrays are freed before the weights arrive.
+        self.tokenizer = checkpoint.tokenizer()
         self.model = checkpoint.load_model(dtype, quant)
         self.load_seconds = time.perf_counter() - started
-        self.tokenizer = checkpoint.tokenizer()
         self.template = ChatTemplate(
             self.tokenizer.chat_template,
             bos_token=self._token_text(self.tokenizer.bos_token_id),
