@@ -22,7 +22,7 @@ from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.engine.speculative import Speculation, check_vocabulary
 from qwenkit.errors import BadRequest, ContextTooLong
-from qwenkit.memory import give_back_large_frees
+from qwenkit.memory import give_back_large_frees, release_free_heap
 from qwenkit.quant.plan import KernelPlan
 
 
@@ -70,7 +70,9 @@ class Model:
         # The tokenizer first: building it takes ~60 MB for a moment, which then does not stack on the weights
         # (peak resident memory), and a GGUF's vocabulary arrays are freed before the weights arrive.
         self.tokenizer = checkpoint.tokenizer()
+        release_free_heap()
         self.model = checkpoint.load_model(dtype, quant)
+        release_free_heap()
         self.load_seconds = time.perf_counter() - started
         self.template = ChatTemplate(
             self.tokenizer.chat_template,
