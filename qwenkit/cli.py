@@ -191,8 +191,8 @@ def _load(args: argparse.Namespace):
     from qwenkit.runtime import speculation_for
 
     model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
-    speculation = speculation_for(model, draft=args.draft, lookup=args.lookup,
-                                          draft_tokens=args.draft_tokens, quant=args.quant, threads=args.threads)
+    speculation = speculation_for(model, draft=args.draft, lookup=args.lookup, draft_tokens=args.draft_tokens,
+                                  quant=args.quant, threads=args.threads)
     model.start_engine(kv_dtype=kv_dtype(args.kv_dtype), speculation=speculation)
     if args.verbose:
         print(model.describe_kernels(), file=sys.stderr)

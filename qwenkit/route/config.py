@@ -127,7 +127,8 @@ class _Reader:
             out[key] = (k, v)
         return out
 
-    def typed(self, node: yaml.Node, key: str, kinds: tuple[type, ...], minimum: float | None = None) -> Any:
+    def typed(self, node: yaml.Node, key: str, kinds: tuple[type, ...], minimum: float | None = None,
+              maximum: float | None = None) -> Any:
         v = self.value(node)
         if isinstance(v, bool) or not isinstance(v, kinds):
             names = " or ".join("a number" if k in (int, float) else "a string" if k is str else k.__name__
@@ -135,6 +136,8 @@ class _Reader:
             raise self.fail(node, f"'{key}' must be {names}, got {v!r}")
         if minimum is not None and v < minimum:
             raise self.fail(node, f"'{key}' must be at least {minimum}, got {v!r}")
+        if maximum is not None and v > maximum:
+            raise self.fail(node, f"'{key}' must be at most {maximum}, got {v!r}")
         return v
 
 
@@ -191,13 +194,11 @@ def _backend(r: _Reader, node: yaml.Node) -> BackendConfig:
     for key in _NUMBERS:
         if key in fields:
             setattr(b, key, float(r.typed(fields[key][1], key, (int, float), 0)))
-    for key, low in (("retries", 0), ("priority", 0), ("threads", 1), ("max_model_len", 1), ("max_batch", 1),
-                     ("draft_tokens", 1), ("lookup", 0)):
+    for key, low, high in (("retries", 0, None), ("priority", 0, None), ("threads", 1, None),
+                           ("max_model_len", 1, None), ("max_batch", 1, None), ("draft_tokens", 1, MAX_GUESS),
+                           ("lookup", 0, MAX_GUESS)):
         if key in fields:
-            setattr(b, key, r.typed(fields[key][1], key, (int,), low))
-    for key in ("draft_tokens", "lookup"):
-        if key in fields and b.__dict__[key] > MAX_GUESS:
-            raise r.fail(fields[key][1], f"'{key}' must be at most {MAX_GUESS}, got {b.__dict__[key]}")
+            setattr(b, key, r.typed(fields[key][1], key, (int,), low, high))
     for key, what in (("aliases", "requested model names to this backend's model names"),
                       ("lora", "adapter names to adapter folders")):
         if key in fields:
