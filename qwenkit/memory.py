@@ -12,6 +12,17 @@ LARGE_BLOCK = 4 << 20  # allocations from this size on are mapped on their own a
 
 
 @functools.cache
+def _glibc():
+    """The C library's handle on Linux, None elsewhere (the calls below are glibc's own)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache
 def give_back_large_frees() -> bool:
     """Make glibc's malloc return large freed blocks to the system at once (Linux; elsewhere nothing happens).
 
@@ -21,14 +32,12 @@ def give_back_large_frees() -> bool:
     0.97 GB with blocks of 4 MB and more mapped on their own (0.94 GB from 256 KB, but those page faults cost a
     fifth of the prompt speed; from 4 MB the cost is lost in the noise). Called once, before a model loads.
     Returns whether it took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, LARGE_BLOCK)) and bool(
+        return libc is not None and bool(libc.mallopt(m_mmap_threshold, LARGE_BLOCK)) and bool(
             libc.mallopt(m_trim_threshold, 4 * LARGE_BLOCK))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except AttributeError:  # not glibc (musl has no mallopt)
         return False
 
 
@@ -38,12 +47,10 @@ def release_free_heap() -> bool:
     Building the tokenizer and reading a checkpoint free tens of MB in small blocks between live ones, which
     glibc keeps: on the default model, ~70 MB of resident memory that nobody uses, which the first prompt's peak
     then stacks on. Called once a model has loaded. Returns whether it took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc
         return False
 
 
