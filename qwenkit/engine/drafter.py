@@ -48,6 +48,8 @@ class _Shadow:
         self.hashes: list[bytes] = []
         self.computed = 0  # leading tokens whose keys and values are in the draft's pool
         self.known = 0  # leading tokens equal to the target's committed ones
+        self.guess: list[int] = []  # this step's guessed tokens
+        self.qs: list[torch.Tensor | None] = []  # the distribution each was drawn from (None when greedy)
         self.adapter, self.root, self.draft = 0, b"", ()
         self.sampler = Sampler(draft_params(seq.sampler.params), vocab_size, [])
 
@@ -86,24 +88,24 @@ class DraftModel:
             if shadow is None:
                 shadow = self.shadows[id(seq)] = _Shadow(seq, self.model.config.vocab_size)
             self._sync(shadow, seq.tokens)
+            shadow.guess, shadow.qs = [], []
             # keys and values for the tokens and all guesses but the last, which is never fed back
             shadows.append((shadow, k if self._reserve(shadow, len(seq.tokens) + k - 1) else 0))
-        guesses: dict[int, tuple[list[int], list[torch.Tensor | None]]] = {id(s): ([], []) for s, _ in shadows}
         live = [(s, k) for s, k in shadows if k > 0]
         self._catch_up([s for s, _ in live])
         step = [(s, s.computed, len(s.tokens)) for s, _ in live]
         while step:
             for shadow, logits in self.runner.run(step):
                 token, q = shadow.pick(logits[-1], self.target_vocab)
-                guesses[id(shadow)][0].append(token)
-                guesses[id(shadow)][1].append(q)
+                shadow.guess.append(token)
+                shadow.qs.append(q)
             for shadow, _, end in step:
                 shadow.computed = end
-            live = [(s, k) for s, k in live if len(guesses[id(s)][0]) < k]
+            live = [(s, k) for s, k in live if len(s.guess) < k]
             for shadow, _ in live:
-                shadow.tokens.append(guesses[id(shadow)][0][-1])
+                shadow.tokens.append(shadow.guess[-1])
             step = [(s, len(s.tokens) - 1, len(s.tokens)) for s, _ in live]
-        return [guesses[id(s)] for s, _ in shadows]
+        return [(s.guess, s.qs) for s, _ in shadows]
 
     # ---- the shadow's cache ------------------------------------------------------------------------------------
     def _sync(self, shadow: _Shadow, tokens: list[int]) -> None:
@@ -112,7 +114,7 @@ class DraftModel:
         while same < end and shadow.tokens[same] == tokens[same]:
             same += 1
         shadow.computed = min(shadow.computed, same)
-        shadow.tokens = list(tokens)
+        shadow.tokens[same:] = tokens[same:]  # the first `same` are equal already: copy only the rest
         shadow.known = len(tokens)
         if not shadow.blocks:  # a new sequence: its prompt may already be in the draft's prefix cache
             shadow.blocks, shadow.hashes = self.pool.match_prefix(tokens, len(tokens) - 1)

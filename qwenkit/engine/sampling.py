@@ -146,12 +146,10 @@ class Sampler:
         with probability min(1, p/q), else a token is drawn from max(p - q, 0) renormalised. q: the distribution
         the guess was drawn from ([V] probabilities), or None for a guess made without one (prompt lookup: q is
         then all on the guess). Greedy: the guess is kept when it is the argmax. -> (token, logprob record)."""
+        if self.params.greedy:  # the argmax, whatever was guessed
+            return self(logits)
         raw = logits.float()
-        x = self._scores(raw)
-        if self.params.greedy:
-            token = int(torch.argmax(x))
-            return token, self._commit(raw, token)
-        p = self.distribution(x)
+        p = self.distribution(self._scores(raw))
         p = p / p.sum()  # top-p and min-p leave the kept mass short of 1
         if q is None:
             keep, residual = p[proposed], p.clone()
