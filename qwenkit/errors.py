@@ -43,6 +43,12 @@ class TemplateError(BadRequest):
     """The chat template raised (raise_exception in the template) or could not render the conversation."""
 
 
+class BadImage(BadRequest):
+    """An input image qwenkit cannot use: not an image, truncated or corrupt, a format other than JPEG, PNG or WebP,
+    too many pixels, or too extreme an aspect ratio. The message names the image (a path, or "image 2 of the request").
+    A BadRequest, so the server answers 400 like any other bad argument."""
+
+
 class Overloaded(QwenkitError):
     """The engine's queue is full: the caller should retry later (HTTP 429 with Retry-After)."""
 
