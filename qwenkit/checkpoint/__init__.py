@@ -67,13 +67,7 @@ class Checkpoint:
         if self.kind != "hf":
             return {}
         path = self.path / "generation_config.json"
-        if not path.exists():
-            return {}
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadCheckpoint(f"{path}: not valid JSON ({e})") from None
-        return raw if isinstance(raw, dict) else {}
+        return _json_object(path) if path.exists() else {}
 
     def sampling_defaults(self, thinking: bool = False) -> dict[str, Any]:
         gen = self.generation_config
@@ -93,6 +87,24 @@ class Checkpoint:
             ids.append(tokenizer.eos_token_id)
         ids += [i for i in QWEN_STOP_IDS if i < self.config.vocab_size and tokenizer.id_to_token(i) is not None]
         return sorted(set(ids))
+
+    def image_spec(self):
+        """How this vision-language model's images are cut into patches (qwenkit.media.image.ImageSpec): the
+        folder's preprocessor_config.json, else what its family's releases ship."""
+        from qwenkit.media.image import QWEN3_VL, QWEN25_VL, ImageSpec
+
+        vision = self.config.vision
+        if vision is None:
+            return None
+        path = self.path / "preprocessor_config.json" if self.kind == "hf" else None
+        if path is not None and path.exists():
+            spec = ImageSpec.from_preprocessor_config(_json_object(path))
+        else:
+            spec = QWEN3_VL if vision.family == "qwen3_vl" else QWEN25_VL
+        if (spec.patch_size, spec.temporal_patch_size, spec.merge_size) != (
+                vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size):
+            raise BadCheckpoint(f"{self.path}: the image processor's patch sizes do not match the vision tower's")
+        return spec
 
     def tensor_types(self) -> dict[str, int]:
         """How many tensors of each type (GGML type names, or safetensors dtypes)."""
@@ -117,6 +129,15 @@ class Checkpoint:
                 n *= d
             total += n
         return total
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file of the checkpoint folder; {} where it holds something other than an object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadCheckpoint(f"{path}: not valid JSON ({e})") from None
+    return raw if isinstance(raw, dict) else {}
 
 
 def open_checkpoint(path: Path) -> Checkpoint:

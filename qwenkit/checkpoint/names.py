@@ -74,8 +74,16 @@ def gguf_target(name: str, config: ModelConfig) -> Target | None:
     return Target(prefix + hf) if hf else None
 
 
+# Qwen3-VL's checkpoints (and transformers' own layout for every VL model) nest both halves under model.
+_HF_NESTED = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
 def hf_target(name: str, config: ModelConfig) -> Target | None:
-    """Where Hugging Face tensor `name` goes: the same name, except per-expert tensors go into the stacked ones."""
+    """Where Hugging Face tensor `name` goes: the same name, except per-expert tensors go into the stacked ones
+    and a VL checkpoint's nested halves go to the decoder (model.) and the vision tower (visual.)."""
+    for nested, ours in _HF_NESTED:
+        if name.startswith(nested):
+            name = ours + name[len(nested):]
     m = _HF_EXPERT.match(name)
     if not m:
         return Target(name)

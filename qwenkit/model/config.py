@@ -17,8 +17,67 @@ from qwenkit.errors import BadCheckpoint, UnsupportedModel
 
 MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
+# Vision-language families -> the decoder they wrap. Their config.json nests the decoder's fields in text_config
+# (older Qwen2.5-VL files keep them at the top level) and the vision tower's in vision_config.
+VISION_FAMILIES = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+
 # GGUF's general.architecture -> Hugging Face model_type.
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower of a Qwen VL model (vision_config in config.json; names as there)."""
+
+    family: str  # qwen2_5_vl | qwen3_vl
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    # Qwen2.5-VL: window attention everywhere but these blocks; windows of window_size pixels
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    # Qwen3-VL: a learned position table, and features taken after these blocks into early decoder layers
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise BadCheckpoint(f"vision_config field {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise BadCheckpoint("vision_config: hidden_size / num_heads must be a multiple of 4 (2D rotary)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_dict(cls, family: str, raw: dict[str, Any], source: str) -> VisionConfig:
+        if not isinstance(raw, dict):
+            raise BadCheckpoint(f"{source}: vision_config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
+        if "in_chans" in raw and "in_channels" not in raw:  # the first Qwen2.5-VL releases
+            kwargs["in_channels"] = raw["in_chans"]
+        rope = raw.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        try:
+            return cls(family=family, **kwargs)
+        except TypeError as e:
+            raise BadCheckpoint(f"{source}: vision_config: {e}") from None
+        except BadCheckpoint as e:
+            raise BadCheckpoint(f"{source}: {e}") from None
 
 
 @dataclass
@@ -53,6 +112,13 @@ class ModelConfig:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Vision-language models: the tower, the placeholder token an image's features replace, and multimodal
+    # rotary positions (mrope_section splits head_dim / 2 among the temporal, height and width axes).
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool = False  # Qwen3-VL: the axes alternate over the frequencies instead of in runs
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -132,6 +198,8 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise BadCheckpoint(f"{source}: expected a JSON object")
         model_type = raw.get("model_type")
+        if model_type in VISION_FAMILIES:
+            return cls._vision_language(raw, source)
         if model_type not in MODEL_TYPES:
             raise UnsupportedModel(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -155,6 +223,35 @@ class ModelConfig:
             raise BadCheckpoint(f"{source}: {e}") from None
         except BadCheckpoint as e:
             raise type(e)(f"{source}: {e}") from None
+
+    @classmethod
+    def _vision_language(cls, raw: dict[str, Any], source: str) -> ModelConfig:
+        family = raw["model_type"]
+        text = raw.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise BadCheckpoint(f"{source}: text_config must be a JSON object")
+        top = {k: v for k, v in raw.items() if k not in ("text_config", "vision_config")}
+        merged = {**top, **{k: v for k, v in text.items() if v is not None}, "model_type": VISION_FAMILIES[family]}
+        if "tie_word_embeddings" in top:  # the top-level flag is the one transformers acts on
+            merged["tie_word_embeddings"] = top["tie_word_embeddings"]
+        parameters, scaling = merged.pop("rope_parameters", None), merged.pop("rope_scaling", None)
+        rope = dict(parameters or scaling or {})
+        section = rope.pop("mrope_section", None)
+        interleaved = bool(rope.pop("mrope_interleaved", False))
+        kind = rope.pop("rope_type", rope.pop("type", "default"))
+        merged["rope_parameters"] = {**rope, "rope_type": "default" if kind == "mrope" else kind}
+        config = cls.from_dict(merged, source)
+        if not isinstance(section, list) or sum(section) != config.head_dim // 2 or len(section) != 3:
+            raise BadCheckpoint(f"{source}: mrope_section {section!r} must be 3 sizes summing to head_dim / 2 "
+                                f"({config.head_dim // 2})")
+        config.mrope_section, config.mrope_interleaved = [int(n) for n in section], interleaved
+        config.vision = VisionConfig.from_dict(family, raw.get("vision_config"), source)
+        if config.vision.out_hidden_size != config.hidden_size:
+            raise BadCheckpoint(f"{source}: vision out_hidden_size {config.vision.out_hidden_size} is not the "
+                                f"decoder's hidden_size {config.hidden_size}")
+        config.image_token_id = raw.get("image_token_id", 151655)
+        config.vision_start_token_id = raw.get("vision_start_token_id", 151652)
+        return config
 
     @classmethod
     def from_json_file(cls, path: Path) -> ModelConfig:

@@ -7,6 +7,8 @@ context (qwenkit.model.attention): whole sequences without a cache, or the servi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -17,6 +19,16 @@ from qwenkit.model.config import ModelConfig
 from qwenkit.model.moe import SparseMoE
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import Rotary
+from qwenkit.model.vision import VisionFeatures, VisionTower
+
+
+@dataclass
+class ImageRows:
+    """Image features for a forward pass: `rows` [N] are flat indices (into B * T) of the image tokens they
+    stand for, in the order of the features' rows."""
+
+    rows: torch.Tensor
+    features: VisionFeatures
 
 
 class MLP(Packed):
@@ -67,6 +79,7 @@ class QwenForCausalLM(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.rotary = Rotary(config)
+        self.visual = VisionTower(config.vision) if config.vision is not None else None
         self.windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
         self.gradient_checkpointing = False  # training: recompute each layer in backward instead of storing it
         if config.tie_word_embeddings:
@@ -91,13 +104,17 @@ class QwenForCausalLM(nn.Module):
                 module.pack(join)
 
     def forward(self, input_ids: torch.Tensor, cache: AttentionContext | None = None,
-                logits: str | torch.Tensor = "all", segments: torch.Tensor | None = None) -> torch.Tensor:
+                logits: str | torch.Tensor = "all", segments: torch.Tensor | None = None,
+                images: ImageRows | None = None, rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ("all"), [B, V] ("last"), [B, R, V] (a tensor of R row indices)
         or final hidden states ("none").
 
         `cache` is the attention context: the serving engine's paged batch (qwenkit.engine.paged), whose tokens
         continue sequences it holds. Without one, the rows are whole sequences; `segments` [B, T] may pack several
         per row (training): see WholeSequences.
+        Vision-language models: `images` puts image features in place of their tokens' embeddings, and
+        `rope_positions` [3, B, T] gives the multimodal rotary positions (qwenkit.model.rope.multimodal_positions);
+        without them, positions are the context's, the same on all three axes.
         """
         b, t = input_ids.shape
         if cache is None:
@@ -105,13 +122,18 @@ class QwenForCausalLM(nn.Module):
         elif segments is not None:
             raise ValueError("packed sequences (segments) are for whole-sequence forwards, without a cache")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(cache.positions, x.dtype)
+        if images is not None:
+            x = x.reshape(b * t, -1).index_copy(0, images.rows, images.features.embeds.to(x.dtype)).reshape(b, t, -1)
+        cos, sin = self.rotary(cache.positions if rope_positions is None else rope_positions, x.dtype)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if recompute:  # keep only each layer's input; its activations are recomputed during backward
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache)
+            if images is not None and i < len(images.features.deepstack):  # Qwen3-VL's DeepStack
+                extra = images.features.deepstack[i].to(x.dtype)
+                x = x.reshape(b * t, -1).index_add(0, images.rows, extra).reshape(b, t, -1)
         if isinstance(logits, torch.Tensor):
             x = x[:, logits]
         elif logits == "last":

@@ -66,21 +66,72 @@ def _yarn(config: ModelConfig, scaling: dict) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(torch.nn.Module):
-    """Computes cos/sin for given positions; applied to q and k of shape [B, heads, T, head_dim]."""
+    """Computes cos/sin for given positions; applied to q and k of shape [B, heads, T, head_dim].
+
+    Positions are [B, T], or [3, B, T] for a vision-language model's multimodal positions (temporal, height,
+    width): each frequency then takes its angle from one of the three axes, as config.mrope_section assigns
+    them. Text tokens have the same position on all three axes, which gives plain RoPE."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         # A plain attribute on the CPU, not a buffer: models are built on the meta device and then filled from the
         # checkpoint, and a buffer would come out of that uninitialised.
         self.inv_freq, self.attention_scaling = inverse_frequencies(config)
+        self.axis_of = None if config.mrope_section is None else mrope_axes(config.mrope_section,
+                                                                            config.mrope_interleaved)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv_freq  # [B, T, dim/2], fp32
+        freqs = positions.float()[..., None] * inv_freq  # [B, T, dim/2] or [3, B, T, dim/2], fp32
+        if positions.dim() == 3:
+            # Exact: each angle is multiplied by one 1 and two 0s.
+            pick = torch.nn.functional.one_hot(self.axis_of, 3).T.to(freqs.device, freqs.dtype)  # [3, dim/2]
+            freqs = (freqs * pick[:, None, None, :]).sum(0)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None], sin[:, None]  # broadcast over heads
+
+
+def mrope_axes(section: list[int], interleaved: bool) -> torch.Tensor:
+    """Which position axis (0 temporal, 1 height, 2 width) drives each of the head_dim / 2 frequencies.
+
+    Qwen2.5-VL gives the axes runs of section[0], section[1], section[2] frequencies; Qwen3-VL interleaves them
+    (T H W T H W ..., the temporal axis taking what is left), as transformers' rotary embeddings do."""
+    total = sum(section)
+    if not interleaved:
+        return torch.cat([torch.full((n,), axis, device="cpu") for axis, n in enumerate(section)])
+    axes = torch.zeros(total, dtype=torch.long, device="cpu")
+    for axis in (1, 2):
+        axes[axis : section[axis] * 3 : 3] = axis
+    return axes
+
+
+def multimodal_positions(tokens: list[int], grids: list[tuple[int, int, int]], image_token_id: int,
+                         merge: int) -> tuple[torch.Tensor, int]:
+    """Rotary positions [3, T] of a prompt whose images appear as runs of image_token_id (one run per grid, in
+    order), and the delta that positions of later tokens add to their index (transformers' get_rope_index).
+
+    A text token's position follows the previous token's on all three axes; an image's tokens take
+    (start, start + row, start + column) over its merged grid, and the text after it goes on from start + the
+    larger side."""
+    out = torch.empty(3, len(tokens), dtype=torch.long)
+    images = iter(grids)
+    at = pos = 0
+    while at < len(tokens):
+        if tokens[at] != image_token_id:
+            out[:, at] = pos
+            at, pos = at + 1, pos + 1
+            continue
+        t, h, w = next(images, (None, None, None))
+        if t is None:
+            raise ValueError("more image placeholder runs than images")
+        h, w = h // merge, w // merge
+        n = t * h * w
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        out[:, at : at + n] = grid.reshape(3, n) + pos
+        at, pos = at + n, pos + max(h, w)
+    return out, pos - len(tokens)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ def check_mode(mode: str) -> str:
 
 
 def is_quantizable(param: str) -> bool:
+    if param.startswith("visual."):  # a vision tower's layers stay in float
+        return False
     return param.endswith("_proj.weight") or param in ("lm_head.weight", EMBEDDING)
 
 
