@@ -7,6 +7,7 @@ a batch of one, and calls from several threads share its steps.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -18,11 +19,14 @@ import torch
 
 from qwenkit.checkpoint import Checkpoint, open_checkpoint
 from qwenkit.engine.engine import Engine, GenerationRequest
+from qwenkit.engine.multimodal import ImageInput
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.engine.speculative import Speculation, check_vocabulary
 from qwenkit.errors import BadRequest, ContextTooLong
+from qwenkit.media.sources import SourcePolicy
 from qwenkit.memory import give_back_large_frees, release_free_heap
+from qwenkit.model.vision import num_image_tokens
 from qwenkit.quant.plan import KernelPlan
 
 
@@ -38,6 +42,7 @@ class Prepared:
     thinking: bool  # a Qwen3 model that will reason first (thinking on, or a template that opened <think>)
     in_reasoning: bool  # the prompt ends inside an opened <think> block
     tokenizer: Any = field(repr=False, default=None)
+    images: list = field(default_factory=list)  # engine.multimodal.ImageInput of the prompt's images, in order
 
     def new_parser(self, seed: int | None = None):
         """A fresh text.stream.StreamParser for one generated sequence (None for raw completions).
@@ -85,6 +90,11 @@ class Model:
         self._engine_options: dict[str, Any] = {}
         self._engine_lock = threading.RLock()
 
+    @property
+    def takes_images(self) -> bool:
+        """A vision-language model: chat messages may carry image parts."""
+        return self.config.vision is not None
+
     def describe_kernels(self) -> str:
         """The kernel plan this model runs on (`qwenkit run -v`, `qwenkit info --kernels`)."""
         engine = self._engine
@@ -126,7 +136,7 @@ class Model:
         the answer carries on from its last character."""
         return self.template.render(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-            continue_final_message=continue_final_message,
+            continue_final_message=continue_final_message, vision=self.takes_images,
         )
 
     def _params(self, thinking: bool, sampling: dict[str, Any]) -> SamplingParams:
@@ -146,8 +156,9 @@ class Model:
         return min(params.max_tokens or room, room)
 
     def _prepared(self, prompt_ids: list[int], params: SamplingParams, *, chat: bool, thinking: bool = False,
-                  in_reasoning: bool = False) -> Prepared:
+                  in_reasoning: bool = False, images: list | None = None) -> Prepared:
         return Prepared(
+            images=images or [],
             prompt_ids=prompt_ids,
             params=params,
             max_new_tokens=self._budget(prompt_ids, params),
@@ -181,20 +192,52 @@ class Model:
         enable_thinking: bool | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        image_sources: SourcePolicy | None = None,
         **sampling,
     ) -> Prepared:
         """Token ids, sampling parameters (the model's thinking or non-thinking defaults under `sampling`), budget
-        and parsing state for a conversation (continue_final_message: carry on the last assistant message)."""
+        and parsing state for a conversation (continue_final_message: carry on the last assistant message).
+        Image parts (a vision-language model) are read under `image_sources` (default: files, data: and http(s)
+        URLs) and preprocessed here."""
+        from qwenkit.text.chat import image_sources as sources_of
         from qwenkit.text.stream import StreamParser
 
         text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
                            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
         prompt_ids = self.tokenizer.encode(text)
+        images = []
+        if self.takes_images:
+            sources = sources_of(messages)
+            if sources:
+                prompt_ids, images = self._with_images(prompt_ids, sources, image_sources or SourcePolicy())
         # Some templates (Qwen3 thinking releases) end the prompt inside an opened <think> block.
         opened = StreamParser.prompt_in_reasoning(self.tokenizer, prompt_ids)
         thinking = self.config.model_type.startswith("qwen3") and (opened or enable_thinking is not False)
         params = self._params(thinking, sampling)
-        return self._prepared(prompt_ids, params, chat=True, thinking=thinking, in_reasoning=opened)
+        return self._prepared(prompt_ids, params, chat=True, thinking=thinking, in_reasoning=opened, images=images)
+
+    def _with_images(self, prompt_ids: list[int], sources: list[str],
+                     policy: SourcePolicy) -> tuple[list[int], list[ImageInput]]:
+        """Each image read and preprocessed, and its one placeholder token in the prompt widened to its tokens."""
+        from qwenkit.media.image import load_image, preprocess
+        from qwenkit.media.sources import read_source
+
+        spec = self.checkpoint.image_spec()
+        merge, placeholder = spec.merge_size, self.config.image_token_id
+        images = []
+        for i, url in enumerate(sources):
+            where = url if not url.startswith("data:") and policy.files else f"image {i + 1} of the request"
+            data = read_source(url, where, policy)
+            pixels, grid = preprocess(load_image(data, source=where), spec, source=where)
+            digest = hashlib.blake2b(data + repr(spec).encode(), digest_size=16).digest()
+            images.append(ImageInput(pixels, grid, digest))
+        if prompt_ids.count(placeholder) != len(images):
+            raise BadRequest(f"the chat template rendered {prompt_ids.count(placeholder)} image placeholders for "
+                             f"{len(images)} images")
+        out, pending = [], iter(images)
+        for token in prompt_ids:
+            out += [token] * num_image_tokens(next(pending).grid, merge) if token == placeholder else [token]
+        return out, images
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], *, stream: bool = False, **sampling) -> Response | Iterator[Response]:
@@ -221,7 +264,8 @@ class Model:
 
     def request(self, p: Prepared, **options) -> GenerationRequest:
         """The engine request for a prepared prompt (options: GenerationRequest's constraint, timeout, adapter)."""
-        return GenerationRequest(p.prompt_ids, p.params, p.max_new_tokens, p.stop_ids, p.new_parser(), **options)
+        return GenerationRequest(p.prompt_ids, p.params, p.max_new_tokens, p.stop_ids, p.new_parser(),
+                                 images=p.images, **options)
 
     def stream(self, request: GenerationRequest) -> Iterator[Response]:
         """The Responses of one engine request; leaving the loop early frees its place in the engine."""

@@ -50,8 +50,11 @@ class _Shadow:
         self.known = 0  # leading tokens equal to the target's committed ones
         self.guess: list[int] = []  # this step's guessed tokens
         self.qs: list[torch.Tensor | None] = []  # the distribution each was drawn from (None when greedy)
-        self.adapter, self.root, self.draft = 0, b"", ()
+        self.adapter, self.root, self.draft, self.mm = 0, b"", (), None
         self.sampler = Sampler(draft_params(seq.sampler.params), vocab_size, [])
+
+    def key_tokens(self, start: int, end: int) -> list[int]:
+        return self.tokens[start:end]
 
     def pick(self, logits: torch.Tensor, target_vocab: int) -> tuple[int, torch.Tensor | None]:
         """The next guessed token and the distribution it was drawn from (None when greedy), target-sized."""

@@ -51,6 +51,7 @@ class GenerationRequest:
     constraint: object | None = None  # a grammar.Constraint: only tokens it allows are sampled
     timeout: float | None = None  # seconds from submission; past it the stream raises RequestTimeout
     adapter: int = 0  # a LoRA adapter of the engine's AdapterSet (qwenkit.engine.adapters); 0 = the base model
+    images: list = field(default_factory=list)  # multimodal.ImageInput of the prompt's image runs, in order
 
 
 _DONE = object()

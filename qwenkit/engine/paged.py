@@ -114,11 +114,12 @@ class BlockPool:
     def register_full_blocks(self, seq) -> None:
         """Offer each block of `seq` that is full of computed tokens to the prefix cache, in order. seq has tokens,
         blocks, hashes (of the blocks offered so far), computed (leading tokens whose keys and values are in the
-        pool) and root (where its hash chain starts)."""
+        pool), root (where its hash chain starts) and key_tokens(start, end) (what identifies its tokens: the
+        tokens, with each image's placeholders keyed by the image)."""
         bs = self.block_size
         while (len(seq.hashes) + 1) * bs <= seq.computed:
             i = len(seq.hashes)
-            h = block_hash(seq.hashes[-1] if seq.hashes else seq.root, seq.tokens[i * bs : (i + 1) * bs])
+            h = block_hash(seq.hashes[-1] if seq.hashes else seq.root, seq.key_tokens(i * bs, (i + 1) * bs))
             self.register(seq.blocks[i], h)
             seq.hashes.append(h)
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwenkit.engine.paged import BlockPool, PagedBatch
+from qwenkit.model.qwen import ImageRows
+from qwenkit.model.vision import VisionFeatures
 from qwenkit.quant.linear import decode_rows
 
 if TYPE_CHECKING:
@@ -30,12 +32,22 @@ class _Rows:
     def __init__(self):
         self.segments: list[tuple[int, torch.Tensor]] = []
         self.positions: list[torch.Tensor] = []
+        self.rope: list[torch.Tensor] = []  # multimodal rotary positions [3, n] of each segment
+        self.images: list[tuple[torch.Tensor, Sequence, torch.Tensor]] = []  # (rows here, seq, feature rows)
         self.ids: list[int] = []
         self.adapters: list[int] = []
 
     def add(self, seq: Sequence, first: int, end: int, slots: torch.Tensor) -> None:
         self.segments.append((end - first, slots[:end]))
-        self.positions.append(torch.arange(first, end))
+        positions = torch.arange(first, end)
+        self.positions.append(positions)
+        if seq.mm is None:
+            self.rope.append(positions.expand(3, -1))
+        else:
+            self.rope.append(seq.mm.rope(first, end))
+            rows, features = seq.mm.image_rows(first, end)
+            if len(rows):
+                self.images.append((rows + len(self.ids), seq, features))
         self.ids += seq.tokens[first:end]
         self.adapters += [seq.adapter] * (end - first)
 
@@ -73,8 +85,12 @@ class ModelRunner:
         ids = torch.tensor([generated.ids + prompt.ids])
         adapters = self.adapters.rows(torch.tensor(generated.adapters + prompt.adapters)) \
             if self.adapters is not None else contextlib.nullcontext()
+        multimodal = {}
+        if any(seq.mm is not None for seq, _, _ in plan):
+            multimodal = dict(images=self._images(generated, prompt),
+                              rope_positions=torch.cat(generated.rope + prompt.rope, dim=1)[:, None])
         with adapters, decode_rows(len(generated.ids)):
-            hidden = self.model(ids, cache=batch, logits="none")[0]
+            hidden = self.model(ids, cache=batch, logits="none", **multimodal)[0]
         if not sample:
             return []
         # The head only for the rows that sample, all on the row kernels: a prompt's last token gets the same
@@ -87,3 +103,17 @@ class ModelRunner:
             out.append((seq, logits[at : at + end - first]))
             at += end - first
         return out
+
+    def _images(self, generated: _Rows, prompt: _Rows) -> ImageRows | None:
+        """The image features of this pass's image tokens, and their rows in the flat batch."""
+        rows, embeds, deepstack = [], [], []
+        for kind, offset in ((generated, 0), (prompt, len(generated.ids))):
+            for here, seq, features in kind.images:
+                encoded = seq.mm.encode(self.model.visual)
+                rows.append(here + offset)
+                embeds.append(encoded.embeds[features])
+                deepstack.append([d[features] for d in encoded.deepstack])
+        if not rows:
+            return None
+        layers = [torch.cat(per_layer) for per_layer in zip(*deepstack)]
+        return ImageRows(torch.cat(rows), VisionFeatures(torch.cat(embeds), layers))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qwenkit.engine.multimodal import MultimodalPrompt
 from qwenkit.engine.output import OutputProcessor
 from qwenkit.engine.paged import BlockPool
 from qwenkit.engine.response import SpeculationStats
@@ -64,7 +65,8 @@ class EngineStats:
 class Sequence:
     """One request inside the engine: its tokens, its blocks and its sampling / output state."""
 
-    def __init__(self, stream, vocab_size: int, tokenizer, max_model_len: int, spec: SpecState | None = None):
+    def __init__(self, stream, vocab_size: int, tokenizer, max_model_len: int, spec: SpecState | None = None,
+                 mm: MultimodalPrompt | None = None):
         req = stream.request
         self.stream = stream
         self.tokens = list(req.prompt_ids)
@@ -83,6 +85,15 @@ class Sequence:
         self.decode_passes = 0  # steps after the prompt's that gave it tokens
         self.draft: list[int] = []  # this step's guessed tokens (the last tokens of `tokens` during the step)
         self.draft_q: list | None = None  # the distributions the guesses were drawn from (None: lookup or greedy)
+        self.mm = mm  # the prompt's images, if it has any
+
+    def key_tokens(self, start: int, end: int) -> list[int]:
+        """What identifies tokens [start, end) in the prefix cache: the tokens, with image tokens keyed by their
+        image (qwenkit.engine.multimodal)."""
+        if self.mm is None:
+            return self.tokens[start:end]
+        prompt = self.prompt_len
+        return self.mm.keys[start:min(end, prompt)] + self.tokens[max(start, prompt):end]
 
     @property
     def pending(self) -> int:
@@ -123,8 +134,17 @@ class Scheduler:
             held = self.pool.num_blocks * self.block_size
             stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {held}"))
             return
-        spec = self.proposer.new_state() if self.proposer is not None else None
-        self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len, spec))
+        mm = None
+        if stream.request.images:
+            try:
+                mm = MultimodalPrompt(stream.request.prompt_ids, stream.request.images, self.model.config)
+            except QwenkitError as e:
+                stream.put(e)
+                return
+        # Guesses run on text positions only: a request with images does not speculate.
+        spec = self.proposer.new_state() if self.proposer is not None and mm is None else None
+        self.waiting.append(Sequence(stream, self.model.config.vocab_size, self.tokenizer, self.max_model_len, spec,
+                                     mm))
 
     def waiting_count(self) -> int:
         return len(self.waiting)
@@ -177,6 +197,8 @@ class Scheduler:
                        for seq, logits in outputs]
             for seq, _, _ in plan:
                 self.pool.register_full_blocks(seq)
+                if seq.mm is not None and seq.computed >= seq.prompt_len:
+                    seq.mm.features = None  # the prompt is in the cache: its images' features are not needed
             now = time.monotonic()
             for seq, tokens in results:
                 if len(seq.tokens) > seq.prompt_len:  # a decode step (not a prompt's first token)
@@ -250,7 +272,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             # The last token is always computed anew: its logits are what the next sample needs.
-            blocks, hashes = self.pool.match_prefix(seq.tokens, len(seq.tokens) - 1, seq.root)
+            blocks, hashes = self.pool.match_prefix(seq.key_tokens(0, len(seq.tokens)), len(seq.tokens) - 1, seq.root)
             needed = -(-len(seq.tokens) // self.block_size) - len(blocks)
             if needed > self.pool.available - self._decode_reserve():
                 self.pool.release(blocks)

@@ -183,22 +183,61 @@ def _plain(value: Any, where: str) -> Any:
     raise BadRequest(f"{where}: {type(value).__name__} is not a JSON value")
 
 
-def _text_content(content: Any, where: str) -> str | None:
-    """content as a string: str, None, or a list of {"type": "text", "text": ...} parts joined by newlines."""
+IMAGE_PART_TYPES = ("image_url", "image")
+
+
+def _image_source(part: Mapping, where: str) -> str:
+    """The URL (or path) of an image content part: OpenAI's {"type": "image_url", "image_url": {"url": ...}}
+    (or "image_url": "..."), or transformers' {"type": "image", "image": ...} / {"type": "image", "url": ...}."""
+    if part.get("type") == "image_url":
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, Mapping) else ref
+    else:
+        url = part.get("image", part.get("url", part.get("path")))
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: an image part needs a URL (image_url.url) as a string")
+    return url
+
+
+def _text_content(content: Any, where: str, vision: bool = False) -> str | list[dict[str, Any]] | None:
+    """content as a string: str, None, or a list of {"type": "text", "text": ...} parts joined by newlines.
+    With `vision` (a model that takes images), a list with image parts stays a list of text parts and
+    {"type": "image"} placeholders, which is what the vision models' templates iterate over."""
     if content is None or isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             if not isinstance(part, Mapping):
                 raise BadRequest(f"{where}[{j}]: a content part must be an object")
-            if part.get("type") != "text":
-                raise BadRequest(f"{where}[{j}].type: only 'text' parts are supported, got {part.get('type')!r}")
+            kind = part.get("type")
+            if kind in IMAGE_PART_TYPES:
+                if not vision:
+                    raise BadRequest(f"{where}[{j}].type: {kind!r} parts need a vision-language model; this one "
+                                     "takes text only")
+                _image_source(part, f"{where}[{j}]")
+                parts.append({"type": "image"})
+                continue
+            if kind != "text":
+                raise BadRequest(f"{where}[{j}].type: only 'text' and 'image_url' parts are supported, got {kind!r}")
             if not isinstance(part.get("text"), str):
                 raise BadRequest(f"{where}[{j}].text: must be a string")
-            texts.append(part["text"])
-        return "\n".join(texts)  # as vLLM joins text parts
+            parts.append({"type": "text", "text": part["text"]})
+        if any(p["type"] == "image" for p in parts):
+            return parts
+        return "\n".join(p["text"] for p in parts)  # as vLLM joins text parts
     raise BadRequest(f"{where}: must be a string, null or a list of text parts, got {type(content).__name__}")
+
+
+def image_sources(messages: list[Any]) -> list[str]:
+    """The URLs (or paths) of the images in a conversation, in the order the template renders them."""
+    out = []
+    for i, msg in enumerate(messages if isinstance(messages, list) else []):
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, Mapping) and part.get("type") in IMAGE_PART_TYPES:
+                out.append(_image_source(part, f"messages[{i}].content[{j}]"))
+    return out
 
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
@@ -233,14 +272,14 @@ def _tool_call(call: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _message(msg: Any, i: int) -> dict[str, Any]:
+def _message(msg: Any, i: int, vision: bool = False) -> dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(msg, Mapping):
         raise BadRequest(f"{where}: a message must be an object, got {type(msg).__name__}")
     role = msg.get("role")
     if role not in ROLES:
         raise BadRequest(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}")
-    content = _text_content(msg.get("content"), f"{where}.content")
+    content = _text_content(msg.get("content"), f"{where}.content", vision)
     tool_calls = msg.get("tool_calls")
     if tool_calls is not None and role != "assistant":
         raise BadRequest(f"{where}.tool_calls: only assistant messages carry tool calls")
@@ -292,7 +331,7 @@ def _cut_after_final(text: str, final: dict[str, Any]) -> str:
     if final.get("tool_calls"):
         at = text.rfind("</tool_call>")
         end = at + len("</tool_call>") if at >= 0 else None
-    elif final.get("content", "").strip():
+    elif isinstance(final.get("content"), str) and final["content"].strip():
         end = _cut_after(text, final["content"])
     elif final.get("reasoning_content", "").strip():
         end = _cut_after(text, final["reasoning_content"])
@@ -333,18 +372,20 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
         continue_final_message: bool = False,
+        vision: bool = False,
         **template_kwargs: Any,
     ) -> str:
         """The prompt text for `messages` (OpenAI-style dicts). enable_thinking=None leaves it undefined.
 
         continue_final_message: the last message (an assistant's) is left open, so that generation carries on
         from its last character (a prefill, or an answer cut off mid-stream). As transformers and vLLM do.
+        vision: the model takes images; image parts are rendered by the template (else they are refused).
         """
         if not isinstance(messages, list):
             raise BadRequest(f"messages: must be a list, got {type(messages).__name__}")
         if not messages:
             raise BadRequest("messages: the conversation is empty")
-        chat = [_message(m, i) for i, m in enumerate(messages)]
+        chat = [_message(m, i, vision) for i, m in enumerate(messages)]
         if tools is not None:
             if not isinstance(tools, list):
                 raise BadRequest(f"tools: must be a list, got {type(tools).__name__}")
