@@ -178,12 +178,20 @@ def tiny_model(model_type: str = "qwen2", seed: int = 0):
     from qwenkit.model.qwen import QwenForCausalLM
 
     config = ModelConfig.from_dict(tiny_config(model_type), source="tiny config")
+    return randomized(QwenForCausalLM(config), seed)
+
+
+def randomized(model, seed: int):
+    """`model` in fp32 eval mode with seeded random weights, as tiny_model describes (norms: names with "norm" or
+    Qwen2.5-VL's merger "ln_q")."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
-    model = QwenForCausalLM(config).float().eval().requires_grad_(False)
+    model = model.float().eval().requires_grad_(False)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-        elif "norm" in name:
+        elif "norm" in name or "ln_q" in name:
             p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.05)
         else:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
