@@ -39,7 +39,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import random
 import select
 import shutil
@@ -69,25 +68,11 @@ QWEN3_06B_SHAPE = dict(
 LOAD_TIMEOUT_S = 1800
 RUN_TIMEOUT_S = 1800
 
-from benchmarks.common import cpu_jiffies, process_jiffies, wait_for_idle  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TimingStreamer, cpu_jiffies, machine_info, proc_status, process_jiffies, result_path, wait_for_idle)
 
 
 # ==== machine state: idle CPUs, memory ================================================================================
-
-def proc_status(key: str) -> int:
-    """A kB field of /proc/self/status (VmHWM, VmRSS) in bytes: same source as qwenkit.memory.peak_rss_bytes,
-    read here without importing qwenkit, so the llama.cpp worker carries no torch."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 # ==== workers: one process per engine ================================================================================
 
@@ -285,25 +270,6 @@ class LlamaCppRunner:
         return {"prefill_s": first - started, "decode_s": last - first, "n_tokens": len(tokens), "tokens": tokens[:32]}
 
 
-class _TimingStreamer:
-    """transformers streamer that timestamps each generated token (the first put() is the prompt)."""
-
-    def __init__(self):
-        self.prompt_seen = False
-        self.times: list[float] = []
-        self.tokens: list[int] = []
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-
-    def end(self):
-        pass
-
-
 class TransformersRunner:
     def __init__(self, path: str, threads: int, hf_dtype: str, **_):
         import torch
@@ -324,7 +290,7 @@ class TransformersRunner:
     def run(self, prompt: list[int], gen: int) -> dict:
         torch = self.torch
         ids = torch.tensor([prompt], dtype=torch.long)
-        streamer = _TimingStreamer()
+        streamer = TimingStreamer()
         started = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(
@@ -719,42 +685,6 @@ def print_table(result: dict, args, bandwidth: dict) -> None:
         print("\n" + result["qwenkit_profile"])
 
 
-def default_out() -> Path:
-    day = datetime.date.today().isoformat()
-    out = ROOT / "benchmarks" / "results" / f"cpu-{day}.json"
-    n = 2
-    while out.exists():
-        out = out.with_name(f"cpu-{day}-{n}.json")
-        n += 1
-    return out
-
-
-def machine_info() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    for pkg in ("torch", "transformers", "gguf", "llama_cpp_python", "numpy"):
-        try:
-            info[pkg] = version(pkg)
-        except PackageNotFoundError:
-            info[pkg] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        info["qwenkit_commit"] = commit + ("-dirty" if dirty else "")
-    except OSError:
-        pass
-    return info
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -818,7 +748,7 @@ def main(argv=None) -> int:
         say(LLAMA_MISSING)
     prompt = [random.Random(args.seed).randrange(FIRST_ADDED_TOKEN) for _ in range(args.prompt_tokens)]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(),
+              "machine": machine_info(("torch", "transformers", "gguf", "llama_cpp_python", "numpy")),
               "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"},
               "prompt": prompt, "workloads": {}}
     report["settings"]["llama_cpp_installed"] = llama_ok
@@ -835,7 +765,7 @@ def main(argv=None) -> int:
     else:
         say(f"memory bandwidth measurement failed: {bandwidth['error']}")
 
-    out = args.out or default_out()
+    out = args.out or result_path("cpu")
     try:
         for name in args.workloads:
             try:

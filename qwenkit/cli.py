@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="short name (qwen2.5-coder:0.5b), Hugging Face id, or path to .gguf / folder")
     run.add_argument("prompt", nargs="?", help="the prompt; '-' reads it from stdin; omit for interactive chat")
     run.add_argument("--system", help="system prompt")
+    run.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                     help="an image the prompt is about (JPEG, PNG or WebP; repeatable; a vision-language model)")
     # also after the verb (`qwenkit run -v ...`); SUPPRESS keeps a `qwenkit -v run` count when it is absent here
     run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                      help="log more, and print the kernel plan first")
@@ -117,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=_positive, help="tokens per request, prompt plus answer "
                      "(default: the model's context length)")
     srv.add_argument("--request-timeout", type=float, help="seconds a request may take (default: no limit)")
-    srv.add_argument("--max-body-bytes", type=_positive, default=4 << 20, help="request body cap (default: 4 MiB)")
+    srv.add_argument("--max-body-bytes", type=_positive, default=16 << 20,
+                     help="request body cap (default: 16 MiB: room for a phone photo as a data: URL)")
+    srv.add_argument("--allow-image-urls", action="store_true",
+                     help="fetch http(s) image URLs named in chat requests (default: data: URLs only)")
     srv.add_argument("--drain-timeout", type=float, default=300.0,
                      help="seconds SIGTERM waits for requests in flight (default: 300)")
     srv.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
@@ -205,10 +210,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = _load(args)
     sampling = _sampling(args)
     if args.prompt is None:
+        if args.image:
+            raise QwenkitError("--image needs a prompt (interactive chat takes text only)")
         return interactive(model, args.system, args.think, sampling)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.image and not model.takes_images:
+        raise QwenkitError(f"--image: {args.model} is a text-only model (images need Qwen2.5-VL or Qwen3-VL)")
+    content = [{"type": "image_url", "image_url": {"url": image}} for image in args.image]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": prompt}
+        {"role": "user", "content": [*content, {"type": "text", "text": prompt}] if content else prompt}
     ]
     answer_once(model, messages, args.think, sampling, stats=not args.quiet_stats)
     return 0
@@ -266,6 +276,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     if c.is_moe:
         facts["experts"] = f"{c.num_experts_per_tok} of {c.num_experts}"
+    if c.vision is not None:
+        v = c.vision
+        facts["vision"] = (f"{v.family} tower, {v.depth} blocks, width {v.hidden_size}, {v.num_heads} heads, "
+                           f"{v.patch_size}px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}"
+                           + (f", DeepStack after blocks {v.deepstack_visual_indexes}" if v.deepstack_visual_indexes
+                              else f", windows of {v.window_size}px"))
     if args.kernels:
         from qwenkit.quant.plan import KernelPlan
 
@@ -318,6 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, lora=_lora_map(args.lora),
         kv_dtype=args.kv_dtype, draft=args.draft, draft_tokens=args.draft_tokens, lookup=args.lookup,
+        allow_image_urls=args.allow_image_urls,
     )
     return serve(config, verbose=args.verbose)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenkit.checkpoint.names import released_name
 from tests.tiny_checkpoint import GENERATION_CONFIG, IDS, TOTAL_TOKENS, randomized, tiny_tokenizer_json
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -81,15 +82,6 @@ def tiny_vl_model(family: str, seed: int = 0):
     return randomized(QwenForCausalLM(config), seed)
 
 
-def _released_name(family: str, name: str) -> str:
-    if family == "qwen3_vl":
-        if name.startswith("visual."):
-            return "model." + name
-        if name.startswith("model."):
-            return "model.language_model." + name[len("model."):]
-    return name
-
-
 def _vl_tokenizer_json() -> str:
     raw = json.loads(tiny_tokenizer_json())
     for i, content in enumerate(VISION_TOKENS):
@@ -107,7 +99,7 @@ def tiny_vl_folder(dest: Path, family: str = "qwen2_5_vl", seed: int = 0) -> Pat
     f = FAMILIES[family]
     model = tiny_vl_model(family, seed)
     (dest / "config.json").write_text(json.dumps(tiny_vl_config(family), indent=2), encoding="utf-8")
-    tensors = {_released_name(family, k): v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {released_name(k, family): v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "tokenizer.json").write_text(_vl_tokenizer_json(), encoding="utf-8")
     added = {str(IDS[c]): c for c in IDS} | {str(TOTAL_TOKENS + i): c for i, c in enumerate(VISION_TOKENS)}

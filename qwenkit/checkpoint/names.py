@@ -78,6 +78,16 @@ def gguf_target(name: str, config: ModelConfig) -> Target | None:
 _HF_NESTED = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
+def released_name(name: str, family: str | None) -> str:
+    """The name a parameter has in its family's released checkpoints: Qwen3-VL nests both halves under model.
+    (the inverse of what hf_target reads); every other family keeps our names."""
+    if family == "qwen3_vl":
+        for nested, ours in _HF_NESTED:
+            if name.startswith(ours):
+                return nested + name[len(ours):]
+    return name
+
+
 def hf_target(name: str, config: ModelConfig) -> Target | None:
     """Where Hugging Face tensor `name` goes: the same name, except per-expert tensors go into the stacked ones
     and a VL checkpoint's nested halves go to the decoder (model.) and the vision tower (visual.)."""

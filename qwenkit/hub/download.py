@@ -34,6 +34,8 @@ FOLDER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    "chat_template.json",  # vision-language releases keep their template here
+    "preprocessor_config.json",  # how a vision-language model cuts images into patches
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",

@@ -130,6 +130,11 @@ REGISTRY: dict[str, ModelEntry] = {
         "qwen2.5-7b-instruct-q4_k_m-00002-of-00002.gguf",
         description="Qwen2.5 7B Instruct, GGUF Q4_K_M (2 shards)",
     ),
+    # Vision-language models (images through run --image, serve, the assistant): transformers folders.
+    "qwen2.5-vl:3b": ModelEntry(repo="Qwen/Qwen2.5-VL-3B-Instruct", description="Qwen2.5-VL 3B Instruct (images)"),
+    "qwen2.5-vl:7b": ModelEntry(repo="Qwen/Qwen2.5-VL-7B-Instruct", description="Qwen2.5-VL 7B Instruct (images)"),
+    "qwen3-vl:2b": ModelEntry(repo="Qwen/Qwen3-VL-2B-Instruct", description="Qwen3-VL 2B Instruct (images)"),
+    "qwen3-vl:4b": ModelEntry(repo="Qwen/Qwen3-VL-4B-Instruct", description="Qwen3-VL 4B Instruct (images)"),
     # Speech recognition for `qwenkit translate`: OpenAI's Whisper base (MIT), CTranslate2 conversion by Systran.
     "whisper:base": ModelEntry(
         repo="Systran/faster-whisper-base",

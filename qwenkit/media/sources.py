@@ -32,6 +32,14 @@ class SourcePolicy:
         return cls(files=False, http=allow_urls)
 
 
+def data_url(path: Path, where: str, policy: SourcePolicy) -> str:
+    """A local image as a data: URL, which any backend (a server, a router, this process) accepts."""
+    data = _file(path, where, policy.max_bytes)
+    kind = {b"\xff\xd8": "jpeg", b"\x89P": "png", b"RI": "webp"}.get(data[:2], "octet-stream")
+    media = "application/octet-stream" if kind == "octet-stream" else f"image/{kind}"
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
 def read_source(url: str, where: str, policy: SourcePolicy) -> bytes:
     """The bytes of the image at `url`; BadImage naming `where` for a source refused, missing or too big."""
     if url.startswith("data:"):
@@ -62,17 +70,18 @@ def _data_url(url: str, where: str, max_bytes: int) -> bytes:
 
 
 def _file(path: Path, where: str, max_bytes: int) -> bytes:
+    """`where` names the file in messages (its path, as the caller gave it)."""
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise BadImage(f"{where}: {path} is {size} bytes, over the limit of {max_bytes}")
+            raise BadImage(f"{where}: {size} bytes is over the limit of {max_bytes}")
         return path.read_bytes()
     except FileNotFoundError:
-        raise BadImage(f"{where}: no such file {path}") from None
+        raise BadImage(f"{where}: no such file") from None
     except IsADirectoryError:
-        raise BadImage(f"{where}: {path} is a folder, not an image") from None
+        raise BadImage(f"{where}: a folder, not an image") from None
     except OSError as e:
-        raise BadImage(f"{where}: cannot read {path} ({e.strerror or e})") from None
+        raise BadImage(f"{where}: cannot read it ({e.strerror or e})") from None
 
 
 def _fetch(url: str, where: str, policy: SourcePolicy) -> bytes:

@@ -259,6 +259,8 @@ class NativeBackend(Backend):
             raise BackendError(self.name, f"the model is {self.service.state}")
         # The one model here answers any name; a name of one of its adapters chooses that adapter.
         body = {k: v for k, v in body.items() if k != "model" or v in self.config.lora}
+        if self.config.images == "drop" and not self.service.model.takes_images:
+            body = _without_images(body)
         try:
             # Through JSON, as the server reads it: strict validation then treats the dict exactly like a body.
             req = ChatCompletionRequest.model_validate_json(json.dumps(body))
@@ -283,6 +285,21 @@ class NativeBackend(Backend):
         finally:
             run.abort()
             await chunks.aclose()
+
+
+def _without_images(body: dict[str, Any]) -> dict[str, Any]:
+    """The request with its image parts left out (route.yaml `images: drop`, for a text-only on-device model)."""
+    from qwenkit.text.chat import IMAGE_PART_TYPES
+
+    def text_only(message: Any) -> Any:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            return message
+        return {**message, "content": [p for p in content
+                                       if not (isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES)]}
+
+    messages = body.get("messages")
+    return {**body, "messages": [text_only(m) for m in messages]} if isinstance(messages, list) else body
 
 
 def make_backend(config: BackendConfig) -> Backend:

@@ -22,6 +22,7 @@
         quant: auto
         threads: 2
         lookup: 4              # optional: speculative decoding by prompt lookup (up to 4 guessed tokens a step)
+        images: refuse         # a text-only model's answer to image parts: refuse (a 400, the default) or drop
         # draft: PATH          # optional: or by a smaller draft model with the same vocabulary
 
 The YAML is composed to its node tree (not just loaded) so that each value keeps its line for error messages.
@@ -72,6 +73,7 @@ class BackendConfig:
     draft: str | None = None  # a draft model for speculative decoding (short name, hub id or path)
     draft_tokens: int = 4  # tokens the draft guesses a step, at most
     lookup: int = 0  # prompt lookup guesses up to this many tokens a step (0: off)
+    images: str = "refuse"  # image parts to a text-only model: "refuse" them (400) or "drop" them and answer the text
     line: int = 0  # where it was declared, for later messages
 
     def model_for(self, requested: str | None) -> str | None:
@@ -96,7 +98,8 @@ _COMMON = {"name", "type", "model", "aliases", "connect_timeout", "first_token_t
            "retries", "backoff", "breaker", "priority"}
 _KEYS = {"openai": _COMMON | {"base_url", "api_key", "api_key_env"},
          "native": _COMMON | {"quant", "threads", "max_model_len", "max_batch", "lora", "draft", "draft_tokens",
-                              "lookup"}}
+                              "lookup", "images"}}
+IMAGE_POLICIES = ("refuse", "drop")
 _NUMBERS = ("connect_timeout", "first_token_timeout", "inter_token_timeout", "backoff")
 
 
@@ -188,9 +191,11 @@ def _backend(r: _Reader, node: yaml.Node) -> BackendConfig:
     if "name" not in fields:
         raise r.fail(node, "backend has no 'name'")
     b = BackendConfig(name=r.typed(fields["name"][1], "name", (str,)), type=kind, line=node.start_mark.line + 1)
-    for key in ("model", "quant", "draft"):
+    for key in ("model", "quant", "draft", "images"):
         if key in fields:
             setattr(b, key, r.typed(fields[key][1], key, (str,)))
+    if b.images not in IMAGE_POLICIES:
+        raise r.fail(fields["images"][1], f"'images' must be one of: {', '.join(IMAGE_POLICIES)}; got {b.images!r}")
     for key in _NUMBERS:
         if key in fields:
             setattr(b, key, float(r.typed(fields[key][1], key, (int, float), 0)))

@@ -232,7 +232,8 @@ def create_app(service: ModelService, metrics: Metrics | None = None) -> FastAPI
     async def models() -> JSONResponse:
         require_ready()
         base = {"id": config.name, "object": "model", "created": service.created, "owned_by": "qwenkit",
-                "root": config.model, "parent": None, "max_model_len": service.model.context_length}
+                "root": config.model, "parent": None, "max_model_len": service.model.context_length,
+                "input_modalities": ["text", "image"] if service.model.takes_images else ["text"]}
         adapters = [{**base, "id": name, "root": str(folder), "parent": config.name}
                     for name, folder in config.lora.items()]
         return JSONResponse({"object": "list", "data": [base, *adapters]})

@@ -23,6 +23,7 @@ from qwenkit.engine.engine import GenerationRequest
 from qwenkit.engine.response import Response
 from qwenkit.engine.sampling import TokenLogprob
 from qwenkit.errors import BadRequest
+from qwenkit.media.sources import SourcePolicy
 from qwenkit.serve.format import Job, finite, new_id
 from qwenkit.serve.protocol import ChatCompletionRequest, JsonObjectFormat, JsonSchemaFormat, NamedToolChoice
 
@@ -62,6 +63,7 @@ def build_chat_job(service, req: ChatCompletionRequest, timeout: float | None) -
         enable_thinking=thinking,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
+        image_sources=SourcePolicy.server(service.config.allow_image_urls),
         **req.sampling_kwargs(),
     )
 
@@ -89,7 +91,7 @@ def build_chat_job(service, req: ChatCompletionRequest, timeout: float | None) -
             prompt_ids=prepared.prompt_ids, params=params, max_new_tokens=prepared.max_new_tokens,
             stop_ids=prepared.stop_ids, parser=prepared.new_parser(seed=params.seed),
             constraint=grammar.constraint() if grammar is not None else banned, timeout=timeout,
-            adapter=adapter,
+            adapter=adapter, images=prepared.images,
         ))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     formatter = ChatFormatter(model.tokenizer, req.model or service.config.name, req.n, req.parallel_tool_calls)

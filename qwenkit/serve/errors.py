@@ -83,6 +83,8 @@ def from_validation(e: ValidationError) -> APIError:
     head = _path(tuple(errs[0]["loc"]))
     first = max((x for x in errs if _path(tuple(x["loc"])).startswith(head)), key=lambda x: len(_path(tuple(x["loc"]))))
     kind, loc = first["type"], tuple(first["loc"])
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a content part of no known type: name its `type`
+        loc += (str(first.get("ctx", {}).get("discriminator", "type")).strip("'"),)
     path = _path(loc)
     if kind == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")

@@ -25,6 +25,16 @@ class TextPart(Strict):
     text: str
 
 
+class ImageURL(Strict):
+    url: str  # a data: URL (or http(s) with --allow-image-urls)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for compatibility; the model's own limits apply
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(Strict):
     name: str
     arguments: str | dict[str, Any] | None = None
@@ -42,7 +52,7 @@ class Message(Strict):
     function_call: all null here) are accepted so `messages.append(response.choices[0].message)` works."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None

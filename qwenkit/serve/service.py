@@ -32,13 +32,14 @@ class ServeConfig:
     quant: str = "auto"
     threads: int | None = None
     request_timeout: float | None = None
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 16 << 20  # room for a phone photo sent as a data: URL
     drain_timeout: float = 300.0  # seconds SIGTERM waits for in-flight requests
     lora: dict[str, str] = field(default_factory=dict)  # adapter name (a `model` clients may ask for) -> folder
     kv_dtype: str | None = None  # "f16" or "f32"; None: the engine's default (f16 for a float32 model)
     draft: str | None = None  # speculative decoding: a draft model (short name, hub id or path)
     draft_tokens: int = 4  # tokens the draft guesses a step, at most
     lookup: int = 0  # speculative decoding: prompt lookup of up to this many tokens a step (0: off)
+    allow_image_urls: bool = False  # fetch http(s) image URLs named in requests (else data: URLs only)
 
     @property
     def name(self) -> str:

@@ -356,6 +356,53 @@ def test_run_with_a_draft_of_another_vocabulary(env, tiny, tmp_path):
     assert_one_error_line(r, f"draft model {other}", "vocabulary differs")
 
 
+PHOTOS = Path(__file__).parents[1] / "fixtures" / "images"
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory) -> Path:
+    from tests.tiny_vision import tiny_vl_folder
+
+    return tiny_vl_folder(tmp_path_factory.mktemp("tiny-vl"), "qwen2_5_vl")
+
+
+def test_run_with_images_prints_the_api_answer(env, tiny_vl):
+    import qwenkit
+
+    photos = [str(PHOTOS / "chelsea_exif6.jpg"), str(PHOTOS / "coffee_wide.webp")]
+    r = run_cli("run", str(tiny_vl), "What are these?", "--image", photos[0], "--image", photos[1], *GREEDY,
+                "--quiet-stats", env=env)
+    assert r.rc == 0, str(r)
+    content = [{"type": "image_url", "image_url": {"url": p}} for p in photos]
+    expected = qwenkit.load(str(tiny_vl)).chat(
+        [{"role": "user", "content": [*content, {"type": "text", "text": "What are these?"}]}], **GREEDY_KW)
+    assert r.out == shown(expected.text), str(r)
+
+
+def test_run_with_a_bad_image_is_one_error_line(env, tiny_vl, tiny, tmp_path):
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes((PHOTOS / "chelsea_exif6.jpg").read_bytes()[:4000])
+    assert_one_error_line(run_cli("run", str(tiny_vl), "What?", "--image", str(cut), env=env),
+                          str(cut), "JPEG truncated or corrupt")
+    assert_one_error_line(run_cli("run", str(tiny_vl), "What?", "--image", str(tmp_path / "none.png"), env=env),
+                          "no such file")
+    assert_one_error_line(run_cli("run", str(tiny["hf"]), "What?", "--image", str(cut), env=env),
+                          "--image", "text-only model")
+
+
+def test_assistant_with_an_image(env, tiny_vl, tmp_path):
+    """`qwenkit assistant --image` gives the model the photo with the question (the trace's first step is an answer
+    from the model in this process); a photo that cannot be read is one error line before anything loads."""
+    trace = tmp_path / "trace.json"
+    r = run_cli("assistant", "--model", str(tiny_vl), "--image", str(PHOTOS / "coffee_wide.webp"), "What is this?",
+                "--no-builtin-tools", "--max-steps", "1", "--trace", str(trace), env=env)
+    assert r.rc == 0, str(r)
+    turn = json.loads(trace.read_text())[0]
+    assert turn["prompt"] == "What is this?" and turn["trace"][0]["backends"] == ["device"]
+    assert_one_error_line(run_cli("assistant", "--model", str(tiny_vl), "--image", str(tmp_path / "none.jpg"),
+                                  "What is this?", env=env), f"{tmp_path / 'none.jpg'}: no such file")
+
+
 def test_run_prompt_from_stdin(env, tiny, api_models):
     r = run_cli("run", str(tiny["gguf"]), "-", *GREEDY, "--quiet-stats", env=env, stdin="hello\n")
     assert r.rc == 0, str(r)

@@ -9,6 +9,7 @@ Answers are greedy so every expectation is exact.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -276,6 +277,9 @@ class _Streamer(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.stream_texts()
+
+    def stream_texts(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -377,3 +381,59 @@ def test_serve_route_subprocess(host, client, paths, tmp_path):
         assert reply.choices[0].message.content
     finally:
         router.stop()
+
+
+PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(
+    (Path(__file__).parents[1] / "fixtures" / "images" / "chelsea_exif6.jpg").read_bytes()).decode()
+WITH_IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}},
+                                           {"type": "text", "text": "What is this?"}]}]
+
+
+class _Recorder(_Streamer):
+    """A host that answers every chat with "A cat." and keeps each request body it got (in `bodies`, a list each
+    subclass is given)."""
+
+    bodies: list
+    texts = ("A cat.",)
+    hang = False
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0))))
+        self.stream_texts()
+        self.wfile.write(b'data: {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", '
+                         b'"choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}]}\n\n'
+                         b"data: [DONE]\n\n")
+
+
+def test_images_pass_through_to_the_host_and_a_text_only_device_refuses_them(paths, device_model):
+    """A hosted vision model gets the image parts exactly as the client sent them. When the host is down and the
+    on-device fallback takes text only, the client gets a clear refusal naming that backend, never an answer made up
+    without the image; unless the route file says `images: drop`, and then the device answers the text."""
+    import qwenkit
+    from qwenkit.route import parse_route
+
+    handler = type("Host", (_Recorder,), {"bodies": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    cfg = parse_route(route_yaml(url, paths[1]))
+    cfg.probe_interval = 3600
+    try:
+        with qwenkit.Client(cfg) as c:
+            assert c.router.backend("device").wait_loaded(60)
+            reply = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
+            assert reply["choices"][0]["message"]["content"] == "A cat." and reply["qwenkit_backends"] == ["host"]
+            assert handler.bodies[-1]["messages"] == WITH_IMAGE
+            server.shutdown()
+            server.server_close()
+            with pytest.raises(Exception) as refused:
+                c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
+            c.router.backend("device").config.images = "drop"
+            dropped = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
+    finally:
+        server.shutdown()
+    assert "device" in str(refused.value) and "takes text only" in str(refused.value)
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}]
+    assert dropped["qwenkit_backends"] == ["device"]
+    assert dropped["choices"][0]["message"]["content"] == answer(device_model, text_only, 8)

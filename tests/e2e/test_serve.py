@@ -130,6 +130,11 @@ def server(default_gguf, tmp_path_factory):
     s = Server(default_gguf, tmp_path_factory.mktemp("serve") / "server.log", "--api-key", KEY,
                "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), "--max-batch", str(MAX_BATCH),
                "--max-queue", str(MAX_QUEUE))
+    yield from serving(s)
+
+
+def serving(s: Server):
+    """A module fixture's body: the server once ready, stopped afterwards, and no traceback in its output."""
     try:
         s.wait_ready()
         yield s
@@ -378,7 +383,7 @@ def test_bad_requests_get_openai_errors(server, client):
     assert_error(*server.request("POST", chat, ok, key="sk-wrong")[::2], 401, code="invalid_api_key")
     assert_error(*server.request("POST", chat, ok, key=None)[::2], 401, code="invalid_api_key")
     assert_error(*server.request("GET", "/metrics", key=None)[::2], 401)
-    assert_error(*server.request("POST", chat, b"x" * (5 << 20))[::2], 413)
+    assert_error(*server.request("POST", chat, b"x" * (17 << 20))[::2], 413)
     assert_error(*server.request("GET", "/v1/nothing")[::2], 404)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=client.base_url, api_key="sk-wrong", max_retries=0).models.list()

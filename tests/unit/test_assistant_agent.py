@@ -76,6 +76,21 @@ def test_calls_in_one_reply_run_in_parallel_and_results_go_back_as_tool_messages
     json.dumps(result.trace)  # the trace is plain JSON
 
 
+def test_a_question_with_a_photo_shows_the_photo_in_every_step():
+    """The photo goes before the question in the user turn; the tools run as for text; and when the last step
+    answers from the tool results without tools, the photo is still in view beside the folded question."""
+    photo = "data:image/jpeg;base64,/9j/4AAQ"
+    chat = ScriptedChat([("places", {"q": "camera shop near Hangzhou East station"})], "A camera; try the mall.")
+    agent = Agent(chat, [slow_tool("places", 0)], system=None, max_steps=2)
+    result = agent.ask("What is this, and where can I buy one near Hangzhou East station?", [photo])
+    assert result.answer == "A camera; try the mall." and result.stopped == "step_limit"
+    first, last = chat.requests[0][0][-1]["content"], chat.requests[1][0][-1]["content"]
+    assert first == [{"type": "image_url", "image_url": {"url": photo}},
+                     {"type": "text", "text": "What is this, and where can I buy one near Hangzhou East station?"}]
+    assert last[0] == first[0] and last[1]["type"] == "text"
+    assert "Hangzhou East station?" in last[1]["text"] and "places result for camera shop" in last[1]["text"]
+
+
 def test_schema_invalid_arguments_and_unknown_tools_go_back_to_the_model_as_errors():
     ran = []
     chat = ScriptedChat([("a", {"query": "wrong name"}), ("nope", {})], "Sorry, I could not.")

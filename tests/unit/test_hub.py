@@ -633,3 +633,25 @@ def test_hub_server_error_counts_as_unreachable(fake_hub, home):
     with pytest.raises(DownloadError, match="HTTP 503.*no offline mirror"):
         hub.pull("test-org/Down-GGUF:x-q4_k_m.gguf", progress=False)
     assert tree(home / "models") == []
+
+
+@pytest.mark.parametrize("name, family", [("qwen2.5-vl:3b", "qwen2_5_vl"), ("qwen3-vl:2b", "qwen3_vl")])
+def test_pull_a_vision_language_model_by_its_short_name(fake_hub, home, tmp_path, name, family):
+    """The registry's VL names fetch the whole folder, the image processor's config and a separate
+    chat_template.json included, and the result answers a question about a photo."""
+    import qwenkit
+    from tests.tiny_vision import tiny_vl_folder
+
+    built = tiny_vl_folder(tmp_path / "built", family)
+    files = {p.name: p.read_bytes() for p in built.iterdir()}
+    config = json.loads(files["tokenizer_config.json"])
+    files["chat_template.json"] = json.dumps({"chat_template": config.pop("chat_template")}).encode()
+    files["tokenizer_config.json"] = json.dumps(config).encode()
+    fake_hub.add(hub.parse(name).entry.repo, files)
+    folder = hub.pull(name, progress=False)
+    assert tree(folder) == sorted([*files, "manifest.json"])
+    photo = Path(__file__).parents[1] / "fixtures" / "images" / "coffee_wide.webp"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(photo)}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    model = qwenkit.load(name)
+    assert model.takes_images and model.prepare_chat(messages).images

@@ -71,6 +71,10 @@ def test_api_key_env(monkeypatch):
      "'lora' must map adapter names to adapter folders"),
     ("backends:\n  - name: a\n    type: openai\n    base_url: http://h\n    lora: {x: y}\n", 5, "unknown key 'lora'"),
     ("backends:\n  - name: a\n    type: native\n    model: y\n    lookup: 99\n", 5, "'lookup' must be at most 16"),
+    ("backends:\n  - name: a\n    type: native\n    model: y\n    images: blur\n", 5,
+     "'images' must be one of: refuse, drop; got 'blur'"),
+    ("backends:\n  - name: a\n    type: openai\n    model: y\n    base_url: http://h\n    images: drop\n", 6,
+     "images"),
     ("backends:\n  - name: a\n    type: native\n    model: y\n    draft_tokens: 0\n", 5, "'draft_tokens' must be"),
     ("backends:\n  - name: a\n    type: openai\n    base_url: http://h\n    draft: m\n", 5, "unknown key 'draft'"),
 ])

@@ -11,6 +11,7 @@ from typing import Any
 
 from qwenkit.apps.backend import add_arguments as backend_arguments
 from qwenkit.errors import BadConfig
+from qwenkit.media.sources import SourcePolicy, data_url
 
 SERVICE_FLAGS = {"osrm": "--osrm-url", "nominatim": "--nominatim-url", "searxng": "--searxng-url",
                  "open_meteo": "--open-meteo-url"}
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE", help="write every turn's trace (steps, calls, results) as JSON")
     p.add_argument("--system", help="replace the system prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="a photo the question is about (JPEG, PNG or WebP; repeatable; needs a vision-language "
+                   "model, e.g. --model qwen2.5-vl:3b)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps < 1:
         raise BadConfig(f"--max-steps must be at least 1, got {args.max_steps}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.image and prompt is None:
+        raise BadConfig("--image needs a question (the conversation mode takes text only)")
+    images = [data_url(Path(p), p, SourcePolicy()) for p in args.image]  # read now: a bad file fails before loading
     drafts: list[dict[str, Any]] = []
     tools = [] if args.no_builtin_tools else builtin_tools(
         services_from_env({k: getattr(args, f"{k}_url") for k in SERVICE_FLAGS}, args.service_timeout), drafts)
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                       temperature=args.temperature)
         turns = []
         if prompt is not None:
-            turns.append(_turn(agent, prompt))
+            turns.append(_turn(agent, prompt, images))
         else:
             print(f"assistant ready with {len(tools)} tools: {', '.join(t.name for t in tools)}. "
                   "Empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -84,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
             conn.close()
 
 
-def _turn(agent: Any, prompt: str) -> dict[str, Any]:
+def _turn(agent: Any, prompt: str, images: list[str] = ()) -> dict[str, Any]:
     drafts_before = len(agent.drafts)
     at_line_start = True
-    for event in agent.stream(prompt):
+    for event in agent.stream(prompt, images):
         if event.kind == "content":
             sys.stdout.write(event.text)
             sys.stdout.flush()
