@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", help="system prompt")
     run.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
                      help="an image the prompt is about (JPEG, PNG or WebP; repeatable; a vision-language model)")
+    run.add_argument("--mmproj", metavar="GGUF", help="the vision tower of a llama.cpp VL model's GGUF "
+                     "(default: the one mmproj*.gguf beside the model file, if any)")
     # also after the verb (`qwenkit run -v ...`); SUPPRESS keeps a `qwenkit -v run` count when it is absent here
     run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                      help="log more, and print the kernel plan first")
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--request-timeout", type=float, help="seconds a request may take (default: no limit)")
     srv.add_argument("--max-body-bytes", type=_positive, default=16 << 20,
                      help="request body cap (default: 16 MiB: room for a phone photo as a data: URL)")
+    srv.add_argument("--mmproj", metavar="GGUF", help="the vision tower of a llama.cpp VL model's GGUF "
+                     "(default: the one mmproj*.gguf beside the model file, if any)")
     srv.add_argument("--allow-image-urls", action="store_true",
                      help="fetch http(s) image URLs named in chat requests (default: data: URLs only)")
     srv.add_argument("--drain-timeout", type=float, default=300.0,
@@ -195,7 +199,7 @@ def _load(args: argparse.Namespace):
     from qwenkit.engine.engine import kv_dtype
     from qwenkit.runtime import speculation_for
 
-    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant)
+    model = qwenkit.load(args.model, threads=args.threads, quant=args.quant, mmproj=getattr(args, "mmproj", None))
     speculation = speculation_for(model, draft=args.draft, lookup=args.lookup, draft_tokens=args.draft_tokens,
                                   quant=args.quant, threads=args.threads)
     model.start_engine(kv_dtype=kv_dtype(args.kv_dtype), speculation=speculation)
@@ -334,7 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quant=args.quant, threads=args.threads, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, lora=_lora_map(args.lora),
         kv_dtype=args.kv_dtype, draft=args.draft, draft_tokens=args.draft_tokens, lookup=args.lookup,
-        allow_image_urls=args.allow_image_urls,
+        allow_image_urls=args.allow_image_urls, mmproj=args.mmproj,
     )
     return serve(config, verbose=args.verbose)
 

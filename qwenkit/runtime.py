@@ -307,13 +307,16 @@ def load(
     threads: int | None = None,
     quant: str = "auto",
     pull: bool = True,
+    mmproj: str | Path | None = None,
 ) -> Model:
     """Load a model by short name (`qwen2.5-coder:0.5b`), Hugging Face id, or local path (.gguf file or folder).
 
     Names not cached yet are pulled first (set pull=False to fail instead); once cached, no network is used.
     quant: auto (quantized GGUF weights stay compact and exact, float weights stay float), int8, int4 or none.
+    mmproj: the vision tower of a llama.cpp VL model's GGUF (default: the one mmproj*.gguf beside it, if any).
     """
     from qwenkit import hub
 
     path = hub.pull(str(ref)) if pull else hub.resolve(str(ref))
-    return Model(open_checkpoint(path), dtype=dtype, threads=threads, quant=quant)
+    return Model(open_checkpoint(path, mmproj=Path(mmproj) if mmproj else None), dtype=dtype, threads=threads,
+                 quant=quant)

@@ -62,6 +62,18 @@ FAMILIES = {
 ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
+PHOTOS = Path(__file__).parent / "fixtures" / "images"
+
+
+def two_photo_chat() -> list[dict]:
+    """A chat turn with two real photos of different shapes (one wide once rotated by EXIF, one tall) and text."""
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(PHOTOS / "chelsea_exif6.jpg")}},
+        {"type": "text", "text": "What is in the first picture, and what in the second?"},
+        {"type": "image_url", "image_url": {"url": str(PHOTOS / "astronaut_tall.png")}},
+    ]}]
+
+
 def tiny_vl_config(family: str) -> dict:
     f = FAMILIES[family]
     return {

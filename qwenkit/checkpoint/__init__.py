@@ -7,13 +7,13 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from qwenkit.checkpoint.loader import checkpoint_kind, load_gguf, load_hf
 from qwenkit.errors import BadCheckpoint
-from qwenkit.model.config import ModelConfig
+from qwenkit.model.config import GGUF_VL_ARCHITECTURES, ModelConfig
 
 # GGUF metadata the tokenizer is built from and nothing else reads (the per-token arrays)
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
@@ -34,6 +34,7 @@ class Checkpoint:
     _gguf: Any = None
     _tokenizer: Any = None
     _weights: Any = None
+    mmproj: Any = None  # a VL GGUF's vision tower (qwenkit.checkpoint.mmproj.Mmproj), or None: text only
 
     def load_model(self, dtype: torch.dtype = torch.float32, quant: str = "none"):
         """The model with weights in `dtype`; `quant` (auto, int8, int4, none) keeps linear weights compact."""
@@ -41,7 +42,7 @@ class Checkpoint:
 
         check_mode(quant)
         if self.kind == "gguf":
-            return load_gguf(self._gguf, self.config, dtype, quant)
+            return load_gguf(self._gguf, self.config, dtype, quant, mmproj=self.mmproj)
         return load_hf(self.path, self.config, self._weights, dtype, quant)
 
     def tokenizer(self):
@@ -90,14 +91,16 @@ class Checkpoint:
 
     def image_spec(self):
         """How this vision-language model's images are cut into patches (qwenkit.media.image.ImageSpec): the
-        folder's preprocessor_config.json, else what its family's releases ship."""
+        folder's preprocessor_config.json, or a GGUF's mmproj metadata, else what its family's releases ship."""
         from qwenkit.media.image import QWEN3_VL, QWEN25_VL, ImageSpec
 
         vision = self.config.vision
         if vision is None:
             return None
         path = self.path / "preprocessor_config.json" if self.kind == "hf" else None
-        if path is not None and path.exists():
+        if self.mmproj is not None:
+            spec = self.mmproj.spec
+        elif path is not None and path.exists():
             spec = ImageSpec.from_preprocessor_config(_json_object(path))
         else:
             spec = QWEN3_VL if vision.family == "qwen3_vl" else QWEN25_VL
@@ -121,7 +124,8 @@ class Checkpoint:
 
     def parameter_count(self) -> int:
         if self.kind == "gguf":
-            return sum(t.n_elements for t in self._gguf.tensors.values())
+            tower = self.mmproj.parameter_count() if self.mmproj is not None else 0
+            return sum(t.n_elements for t in self._gguf.tensors.values()) + tower
         total = 0
         for name in self._weights.names():
             n = 1
@@ -129,6 +133,12 @@ class Checkpoint:
                 n *= d
             total += n
         return total
+
+
+def _mmproj_beside(path: Path) -> Path | None:
+    """The one mmproj*.gguf file in the model file's folder; None where there is none, or more than one."""
+    found = [p for p in path.parent.glob("mmproj*.gguf") if p.is_file()]
+    return found[0] if len(found) == 1 else None
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -140,13 +150,24 @@ def _json_object(path: Path) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else {}
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def open_checkpoint(path: Path, mmproj: Path | None | Literal[False] = None) -> Checkpoint:
+    """Open a GGUF file or a Hugging Face folder (headers and JSON only).
+
+    mmproj: for llama.cpp's GGUF of a vision-language model (architecture qwen2vl or qwen3vl), the vision tower's
+    file (llama.cpp's --mmproj); the checkpoint then takes images, its decoder loading from `path` and its tower
+    from the mmproj. None (the default) picks up an mmproj*.gguf file beside the model file, but only if exactly one
+    is there: with none, or several to choose from, the model loads text-only, as llama.cpp does without --mmproj.
+    False: text-only even if one is there."""
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "gguf":
         from qwenkit.checkpoint.gguf_split import open_gguf
 
         gguf = open_gguf(path)
+        arch = gguf.metadata.get("general.architecture")
+        if arch == "clip":
+            raise BadCheckpoint(f"{path}: this is a vision projector (mmproj) file; open the language model's GGUF "
+                                f"with mmproj={path.name}")
         config = ModelConfig.from_gguf_metadata(gguf.metadata, source=str(path))
         config.tie_word_embeddings = "output.weight" not in gguf.tensors
         if config.is_moe:
@@ -154,7 +175,21 @@ def open_checkpoint(path: Path) -> Checkpoint:
             config.mlp_only_layers = [
                 i for i in range(config.num_hidden_layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors
             ]
-        return Checkpoint(path, kind, config, _gguf=gguf)
+        if mmproj is None and arch in GGUF_VL_ARCHITECTURES:
+            mmproj = _mmproj_beside(path)
+        tower = None
+        if mmproj:
+            from qwenkit.checkpoint.mmproj import attach_tower, open_mmproj
+
+            tower = open_mmproj(Path(mmproj))
+            try:
+                attach_tower(config, gguf.metadata, tower, str(path))
+            except BaseException:
+                tower.close()
+                raise
+        return Checkpoint(path, kind, config, _gguf=gguf, mmproj=tower)
+    if mmproj:
+        raise BadCheckpoint(f"{path}: an mmproj file goes with a GGUF model, not a Hugging Face folder")
     from qwenkit.checkpoint.safetensors import SafetensorsFolder
 
     config = ModelConfig.from_json_file(path / "config.json")

@@ -2,6 +2,8 @@
 convert_hf_to_gguf.py lays it out: tensor names, metadata keys, gate/up experts split, tokenizer.* keys.
 
 Used by `qwenkit export --gguf` (a tuned model for llama.cpp, ollama or qwenkit) and by the tests' fixtures.
+A vision-language model's decoder is written as llama.cpp's qwen2vl / qwen3vl language model (M-RoPE sections,
+DeepStack layer count); its vision tower goes to a separate mmproj file (qwenkit.checkpoint.mmproj.write_mmproj).
 Types: F32; F16 (the matrices in half precision, norms and biases kept in F32, as llama.cpp's converter does);
 Q8_0 and the other gguf.quants types for matrices whose rows are whole blocks.
 """
@@ -13,9 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from qwenkit.checkpoint.names import hf_to_gguf
-from qwenkit.model.config import GGUF_ARCHITECTURES
+from qwenkit.errors import UnsupportedModel
+from qwenkit.model.config import GGUF_ARCHITECTURES, GGUF_INTERLEAVED_MROPE, GGUF_VL_ARCHITECTURES
 
 ARCH_OF = {v: k for k, v in GGUF_ARCHITECTURES.items()}
+VL_ARCH_OF = {v: k for k, v in GGUF_VL_ARCHITECTURES.items()}
+
+
+def gguf_architecture(config) -> str:
+    """general.architecture for a model config: a decoder with multimodal rotary positions is a VL model's."""
+    if config.mrope_section is None:
+        return ARCH_OF[config.model_type]
+    arch = VL_ARCH_OF.get(config.model_type)
+    if arch is None or GGUF_INTERLEAVED_MROPE[arch] != config.mrope_interleaved:
+        raise UnsupportedModel(f"llama.cpp has no vision-language architecture for a {config.model_type} decoder "
+                               f"with {'interleaved' if config.mrope_interleaved else 'sectioned'} M-RoPE")
+    return arch
 
 
 def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None, split_max_tensors: int = 0,
@@ -25,7 +40,7 @@ def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None
     import gguf
 
     c = model.config
-    arch = ARCH_OF[c.model_type]
+    arch = gguf_architecture(c)
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -42,6 +57,13 @@ def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(c.rope_scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(c.rope_scaling["original_max_position_embeddings"])
+    if c.mrope_section is not None:
+        # llama.cpp reads four sections (t, h, w and a fourth for other models), as its converter pads them.
+        w.add_rope_dimension_sections([*c.mrope_section, 0])
+        if arch == "qwen3vl" and c.vision is not None:
+            # llama.cpp widens the decoder's input by this many DeepStack feature blocks; without a tower (a
+            # text-only load) the count is unknown and the key is left out (llama.cpp's default is 0).
+            w.add_num_deepstack_layers(len(c.vision.deepstack_visual_indexes))
     if c.is_moe:
         w.add_expert_count(c.num_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
@@ -52,7 +74,8 @@ def write_gguf(model, path: Path, qtype=None, tokenizer_meta: dict | None = None
         w.add_key_value(key, value[0], value[1])
     from tqdm import tqdm
 
-    for name, param in tqdm(model.state_dict().items(), desc="tensors", unit="tensor", disable=not progress):
+    decoder = {n: t for n, t in model.state_dict().items() if not n.startswith("visual.")}  # the tower: mmproj
+    for name, param in tqdm(decoder.items(), desc="tensors", unit="tensor", disable=not progress):
         array = param.detach().float().numpy()
         names = hf_to_gguf(name)
         parts = np.split(array, len(names), axis=1) if len(names) > 1 else [array]

@@ -73,19 +73,26 @@ def fill(
     shape_of: Callable[[str], tuple[int, ...]],
     copy_into: Callable[[str, torch.Tensor], None],
     source: str,
+    scope: Callable[[str], bool] | None = None,
+    what: str | None = None,
 ) -> None:
-    """Fill every parameter of `model` from the checkpoint tensors `names` (see module docstring)."""
-    params = dict(model.named_parameters())
+    """Fill every parameter of `model` from the checkpoint tensors `names` (see module docstring).
+
+    scope: which parameters this checkpoint holds (default: all). A llama.cpp VL model comes in two files, the
+    decoder's and the vision tower's (qwenkit.checkpoint.mmproj), each filling its own part. what: the model part,
+    for messages ("a qwen2 model")."""
+    params = {n: p for n, p in model.named_parameters() if scope is None or scope(n)}
+    what = what or f"a {model.config.model_type} model"
     tied = model.lm_head is None
     covered: dict[str, int] = {}
     for name in names:
         target = target_of(name)
         if target is None:
-            raise BadCheckpoint(f"{source}: unexpected tensor {name} for a {model.config.model_type} model")
+            raise BadCheckpoint(f"{source}: unexpected tensor {name} for {what}")
         if target.param == "lm_head.weight" and tied:
             continue  # some tied checkpoints also store the head; the embedding is the head
         if target.param not in params:
-            raise BadCheckpoint(f"{source}: unexpected tensor {name} for a {model.config.model_type} model")
+            raise BadCheckpoint(f"{source}: unexpected tensor {name} for {what}")
         view = params[target.param].data[target.index] if target.index else params[target.param].data
         shape = tuple(shape_of(name))
         if shape != tuple(view.shape):
@@ -122,10 +129,14 @@ def load_hf(
     return model
 
 
-def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none") -> QwenForCausalLM:
+def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none", mmproj=None) -> QwenForCausalLM:
+    """mmproj: for a VL config, the open vision projector file (qwenkit.checkpoint.mmproj.Mmproj) that holds the
+    tower; the language model GGUF holds only the decoder, as llama.cpp splits them."""
     from qwenkit.quant import apply
     from qwenkit.quant.plan import KernelPlan
 
+    if config.vision is not None and mmproj is None:
+        raise BadCheckpoint(f"{gguf.path}: a vision-language config needs the vision tower's mmproj file")
     model = empty_model(config, dtype)
     target_of = lambda n: gguf_target(n, config)  # noqa: E731
     names = list(gguf.tensors)
@@ -139,6 +150,20 @@ def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none"
 
         names = apply.install(model, names, target_of, make_format, str(gguf.path))
 
+    shapes = lambda n: gguf.tensors[n].shape  # noqa: E731
+    fill(model, names, target_of, shapes, gguf_copier(gguf), str(gguf.path),
+         scope=lambda p: not p.startswith("visual."))
+    if mmproj is not None:
+        mmproj.fill(model)
+    if quant != "none":
+        apply.fuse(model)
+    return model
+
+
+def gguf_copier(gguf) -> Callable[[str, torch.Tensor], None]:
+    """fill's copy_into for a GGUF file: decode each tensor into its parameter (or slice of one), then drop its
+    mapped pages so the load's peak stays the model plus one tensor."""
+
     def copy_into(name: str, view: torch.Tensor) -> None:
         if view.is_contiguous() and view.dtype == torch.float32 and tuple(view.shape) == gguf.tensors[name].shape:
             gguf.dequantize(name, out=view)  # straight from the memory map into the parameter
@@ -146,11 +171,7 @@ def load_gguf(gguf, config: ModelConfig, dtype: torch.dtype, quant: str = "none"
             view.copy_(gguf.dequantize(name).reshape(view.shape))
         gguf.release(name)
 
-    shapes = lambda n: gguf.tensors[n].shape  # noqa: E731
-    fill(model, names, target_of, shapes, copy_into, str(gguf.path))
-    if quant != "none":
-        apply.fuse(model)
-    return model
+    return copy_into
 
 
 def load_weights(path: Path, dtype: torch.dtype = torch.float32) -> tuple[QwenForCausalLM, ModelConfig]:

@@ -23,6 +23,12 @@ VISION_FAMILIES = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
 
 # GGUF's general.architecture -> Hugging Face model_type.
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# llama.cpp's language models of Qwen2.5-VL and Qwen3-VL (convert_hf_to_gguf.py's Qwen2VLModel, Qwen3VLTextModel):
+# the decoder's tensors as in qwen2/qwen3, plus {arch}.rope.dimension_sections (M-RoPE) and, for qwen3vl,
+# {arch}.n_deepstack_layers. The vision tower is in a separate mmproj file (qwenkit.checkpoint.mmproj).
+GGUF_VL_ARCHITECTURES = {"qwen2vl": "qwen2", "qwen3vl": "qwen3"}
+# llama.cpp runs qwen2vl's M-RoPE in runs of sections and qwen3vl's interleaved (its IMROPE), as transformers does.
+GGUF_INTERLEAVED_MROPE = {"qwen2vl": False, "qwen3vl": True}
 
 
 @dataclass
@@ -266,11 +272,10 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF") -> ModelConfig:
         arch = meta.get("general.architecture")
-        model_type = GGUF_ARCHITECTURES.get(arch)
+        model_type = GGUF_ARCHITECTURES.get(arch) or GGUF_VL_ARCHITECTURES.get(arch)  # type: ignore[arg-type]
         if model_type is None:
-            raise UnsupportedModel(
-                f"{source}: unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})"
-            )
+            supported = ", ".join([*GGUF_ARCHITECTURES, *GGUF_VL_ARCHITECTURES])
+            raise UnsupportedModel(f"{source}: unsupported GGUF architecture {arch!r} (supported: {supported})")
 
         def get(key: str, default: Any = KeyError) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -328,6 +333,23 @@ class ModelConfig:
             if model_type == "qwen2_moe":
                 kwargs["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length", 0)
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except TypeError as e:
             raise BadCheckpoint(f"{source}: {e}") from None
+        if arch in GGUF_VL_ARCHITECTURES:
+            config.mrope_section = _dimension_sections(get("rope.dimension_sections"), config.head_dim,
+                                                       f"{source}: {arch}.rope.dimension_sections")
+            config.mrope_interleaved = GGUF_INTERLEAVED_MROPE[arch]
+        return config
+
+
+def _dimension_sections(value: Any, head_dim: int, where: str) -> list[int]:
+    """mrope_section from llama.cpp's four rotary sections (temporal, height, width, and a fourth that only
+    other models use, 0 here): the first three must share head_dim / 2 between them."""
+    if (not isinstance(value, list) or len(value) < 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)):
+        raise BadCheckpoint(f"{where} must be a list of at least 3 non-negative integers, got {value!r}")
+    if any(value[3:]) or sum(value[:3]) != head_dim // 2:
+        raise BadCheckpoint(f"{where} {value!r}: the first 3 must sum to head_dim / 2 ({head_dim // 2}) and the "
+                            f"rest be 0")
+    return [int(n) for n in value[:3]]

@@ -40,6 +40,7 @@ class ServeConfig:
     draft_tokens: int = 4  # tokens the draft guesses a step, at most
     lookup: int = 0  # speculative decoding: prompt lookup of up to this many tokens a step (0: off)
     allow_image_urls: bool = False  # fetch http(s) image URLs named in requests (else data: URLs only)
+    mmproj: str | None = None  # a llama.cpp VL model's vision tower GGUF (default: one beside the model file)
 
     @property
     def name(self) -> str:
@@ -68,7 +69,8 @@ class ModelService:
     def _load_model(self):
         import qwenkit
 
-        return qwenkit.load(self.config.model, threads=self.config.threads, quant=self.config.quant)
+        return qwenkit.load(self.config.model, threads=self.config.threads, quant=self.config.quant,
+                            mmproj=self.config.mmproj)
 
     def start_loading(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         def run() -> None:

@@ -379,6 +379,25 @@ def test_run_with_images_prints_the_api_answer(env, tiny_vl):
     assert r.out == shown(expected.text), str(r)
 
 
+def test_run_on_llama_cpp_gguf_pair_with_mmproj(env, tiny_vl, tmp_path):
+    """The same answer from the llama.cpp layout (language GGUF + --mmproj, F32) as from the folder."""
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.checkpoint.gguf_write import tokenizer_metadata_from_hf, write_gguf
+    from qwenkit.checkpoint.mmproj import write_mmproj
+    from tests.tiny_vision import tiny_vl_model
+
+    model = tiny_vl_model("qwen2_5_vl")
+    (tmp_path / "lm").mkdir()  # apart from the mmproj: the one given by --mmproj is the one used
+    lm = write_gguf(model, tmp_path / "lm" / "tiny-vl-f32.gguf",
+                    tokenizer_meta=tokenizer_metadata_from_hf(tiny_vl, model.config.vocab_size))
+    mmproj = write_mmproj(model, tmp_path / "tiny-vl-mmproj.gguf", open_checkpoint(tiny_vl).image_spec(), "f32")
+    args = ["What is it?", "--image", str(PHOTOS / "coffee_wide.webp"), *GREEDY, "--quiet-stats"]
+    folder = run_cli("run", str(tiny_vl), *args, env=env)
+    pair = run_cli("run", str(lm), *args, "--mmproj", str(mmproj), env=env)
+    assert folder.rc == 0 and pair.rc == 0, f"{folder}\n{pair}"
+    assert pair.out == folder.out
+
+
 def test_run_with_a_bad_image_is_one_error_line(env, tiny_vl, tiny, tmp_path):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes((PHOTOS / "chelsea_exif6.jpg").read_bytes()[:4000])

@@ -12,29 +12,18 @@ window or merge order moves features by 1e-1.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import qwenkit
 from qwenkit.engine.multimodal import MultimodalPrompt
 from qwenkit.model.qwen import ImageRows
-from tests.tiny_vision import IMAGE_PAD, tiny_vl_folder
+from tests.tiny_vision import IMAGE_PAD, tiny_vl_folder, two_photo_chat
 
 pytestmark = pytest.mark.peer
 transformers = pytest.importorskip("transformers")
 
-PHOTOS = Path(__file__).parents[1] / "fixtures" / "images"
 NEW_TOKENS = 32
-
-
-def conversation() -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": str(PHOTOS / "chelsea_exif6.jpg")}},
-        {"type": "text", "text": "What is in the first picture, and what in the second?"},
-        {"type": "image_url", "image_url": {"url": str(PHOTOS / "astronaut_tall.png")}},
-    ]}]
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
@@ -55,7 +44,7 @@ def reference_inputs(prepared) -> dict:
 
 def test_two_photos_of_different_shapes_are_prepared(pair):
     _, ours = pair
-    prepared = ours.prepare_chat(conversation())
+    prepared = ours.prepare_chat(two_photo_chat())
     grids = [im.grid for im in prepared.images]
     assert len(grids) == 2 and grids[0] != grids[1]
     assert (grids[0][1] > grids[0][2]) != (grids[1][1] > grids[1][2])  # one wide (the rotated cat), one tall
@@ -64,7 +53,7 @@ def test_two_photos_of_different_shapes_are_prepared(pair):
 
 def test_vision_features_and_logits_match_transformers(pair):
     reference, ours = pair
-    prepared = ours.prepare_chat(conversation())
+    prepared = ours.prepare_chat(two_photo_chat())
     inputs = reference_inputs(prepared)
     mm = MultimodalPrompt(prepared.prompt_ids, prepared.images, ours.config)
     with torch.no_grad():
@@ -86,7 +75,7 @@ def test_32_greedy_tokens_through_the_engine_match_transformers(pair):
     """The engine path users run: chunked prefill across the image tokens, multimodal positions kept across decode
     steps, paged attention."""
     reference, ours = pair
-    prepared = ours.prepare_chat(conversation(), temperature=0)
+    prepared = ours.prepare_chat(two_photo_chat(), temperature=0)
     prepared.stop_ids, prepared.max_new_tokens = set(), NEW_TOKENS  # run the full 32 tokens (random weights)
     inputs = reference_inputs(prepared)
     with torch.no_grad():
