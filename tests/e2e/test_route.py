@@ -10,13 +10,11 @@ Answers are greedy so every expectation is exact.
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.server
 import json
 import os
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from tests.e2e.test_cli import qwenkit_command
 from tests.e2e.test_serve import free_port
+from tests.fakes.loopback import serving
 from tests.tiny_checkpoint import tiny_hf_folder
 
 pytestmark = [pytest.mark.slow]
@@ -251,17 +250,12 @@ def test_error_status_fails_over_after_retries(status, paths, device_model):
     from qwenkit.route import parse_route
 
     handler = type("Fake", (_Fake,), {"status": status, "hits": 0})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    cfg = parse_route(route_yaml(url, paths[1], retries=1, backoff=0.05, breaker="{failures: 5, cooldown: 60}"))
-    cfg.probe_interval = 3600  # this test counts the fake host's hits: no probes
-    try:
+    with serving(handler) as url:
+        cfg = parse_route(route_yaml(url, paths[1], retries=1, backoff=0.05, breaker="{failures: 5, cooldown: 60}"))
+        cfg.probe_interval = 3600  # this test counts the fake host's hits: no probes
         with qwenkit.Client(cfg) as c:
             assert c.router.backend("device").wait_loaded(60)
             reply = c.chat(HELLO, temperature=0, max_tokens=8)
-    finally:
-        server.shutdown()
     assert reply["qwenkit_backends"] == ["device"]
     assert reply["choices"][0]["message"]["content"] == answer(device_model, HELLO, 8)
     assert handler.hits == 2  # one try and one retry, then the next backend
@@ -302,16 +296,8 @@ class _Streamer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
 def fake_host(texts: list[str], hang: bool):
-    handler = type("Host", (_Streamer,), {"texts": tuple(texts), "hang": hang})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    return serving(type("Host", (_Streamer,), {"texts": tuple(texts), "hang": hang}))
 
 
 def test_a_healthy_looking_host_that_hangs_is_taken_out(paths, device_model):
@@ -413,26 +399,19 @@ def test_images_pass_through_to_the_host_and_a_text_only_device_refuses_them(pat
     from qwenkit.route import parse_route
 
     handler = type("Host", (_Recorder,), {"bodies": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    cfg = parse_route(route_yaml(url, paths[1]))
-    cfg.probe_interval = 3600
-    try:
-        with qwenkit.Client(cfg) as c:
-            assert c.router.backend("device").wait_loaded(60)
-            reply = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
-            assert reply["choices"][0]["message"]["content"] == "A cat." and reply["qwenkit_backends"] == ["host"]
-            assert handler.bodies[-1]["messages"] == WITH_IMAGE
-            server.shutdown()
-            server.server_close()
-            with pytest.raises(Exception) as refused:
-                c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
-            c.router.backend("device").config.images = "drop"
-            dropped = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
-    finally:
-        server.shutdown()
+    with serving(handler) as url:
+        cfg = parse_route(route_yaml(url, paths[1]))
+        cfg.probe_interval = 3600
+        c = qwenkit.Client(cfg)
+        assert c.router.backend("device").wait_loaded(60)
+        reply = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
+        assert reply["choices"][0]["message"]["content"] == "A cat." and reply["qwenkit_backends"] == ["host"]
+        assert handler.bodies[-1]["messages"] == WITH_IMAGE
+    with c:  # the host is gone now
+        with pytest.raises(Exception) as refused:
+            c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
+        c.router.backend("device").config.images = "drop"
+        dropped = c.chat(WITH_IMAGE, temperature=0, max_tokens=8)
     assert "device" in str(refused.value) and "takes text only" in str(refused.value)
     text_only = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}]
     assert dropped["qwenkit_backends"] == ["device"]

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import base64
 import http.server
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from qwenkit.errors import BadImage
 from qwenkit.media.sources import SourcePolicy, data_url, read_source
+from tests.fakes.loopback import serving
 
 PHOTO = Path(__file__).parents[1] / "fixtures" / "images" / "coffee_wide.webp"
 
@@ -36,18 +35,6 @@ class _Host(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Host)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_data_url_round_trip():
     url = data_url(PHOTO, str(PHOTO), SourcePolicy())
     assert url.startswith("data:image/webp;base64,")
@@ -55,7 +42,7 @@ def test_data_url_round_trip():
 
 
 def test_http_fetch_under_the_policy():
-    with host() as base:
+    with serving(_Host) as base:
         assert read_source(f"{base}/photo.webp", "image 1", SourcePolicy.server(True)) == PHOTO.read_bytes()
         with pytest.raises(BadImage, match=r"^image 1: http\(s\) image URLs are not accepted here.*--allow-image"):
             read_source(f"{base}/photo.webp", "image 1", SourcePolicy.server(False))
