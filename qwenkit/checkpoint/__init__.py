@@ -42,8 +42,14 @@ class Checkpoint:
 
         check_mode(quant)
         if self.kind == "gguf":
-            return load_gguf(self._gguf, self.config, dtype, quant, mmproj=self.mmproj)
-        return load_hf(self.path, self.config, self._weights, dtype, quant)
+            model = load_gguf(self._gguf, self.config, dtype, quant, mmproj=self.mmproj)
+        else:
+            model = load_hf(self.path, self.config, self._weights, dtype, quant)
+        if model.visual is not None:
+            from qwenkit.quant.plan import KernelPlan
+
+            model.visual.to(KernelPlan.detect().vision_dtype(quant))
+        return model
 
     def tokenizer(self):
         """The checkpoint's tokenizer, built once. A GGUF's vocabulary and merges are dropped from its metadata
@@ -119,7 +125,8 @@ class Checkpoint:
     def tensors(self) -> dict[str, tuple[str, int]]:
         """Every tensor's type (GGML type name, or safetensors dtype) and number of dimensions, by name."""
         if self.kind == "gguf":
-            return {name: (t.qtype.name, len(t.shape)) for name, t in self._gguf.tensors.items()}
+            files = [self._gguf] + ([self.mmproj.file] if self.mmproj is not None else [])
+            return {name: (t.qtype.name, len(t.shape)) for f in files for name, t in f.tensors.items()}
         return {name: (self._weights.dtype(name), len(self._weights.shape(name))) for name in self._weights.names()}
 
     def parameter_count(self) -> int:
