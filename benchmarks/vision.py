@@ -615,7 +615,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-tokens", type=int, default=32, help="tokens generated per request (decode speed)")
-    ap.add_argument("--quant", default="none", choices=("none", "int8", "int4", "auto"),
+    ap.add_argument("--quant", default="auto", choices=("none", "int8", "int4", "auto"),
                     help="qwenkit's weights (transformers always runs fp32)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="qwenkit's dtype")
     ap.add_argument("--seed", type=int, default=0, help="of the random weights")
