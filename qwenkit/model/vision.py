@@ -124,8 +124,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.joined = config.hidden_size * config.spatial_merge_size**2
         self.after_join = after_join
+        self.sequential = config.family == "qwen2_5_vl"  # Qwen2.5-VL's layers live in an nn.Sequential
         inner = (self.joined, self.joined)
-        if config.family == "qwen2_5_vl":
+        if self.sequential:
             self.ln_q = _norm(config, config.hidden_size)
             self.mlp = nn.Sequential(nn.Linear(*inner), nn.GELU(), nn.Linear(self.joined, config.out_hidden_size))
         else:
@@ -134,7 +135,7 @@ class PatchMerger(nn.Module):
             self.linear_fc2 = nn.Linear(self.joined, config.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "ln_q"):
+        if self.sequential:
             return self.mlp(self.ln_q(x).reshape(-1, self.joined))
         x = self.norm(x.reshape(-1, self.joined)) if self.after_join else self.norm(x).reshape(-1, self.joined)
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
