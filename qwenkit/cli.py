@@ -385,7 +385,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qwenkit.tune.export import export_gguf
 
     adapter = Path(args.adapter) if args.adapter else None
-    print(export_gguf(hub.resolve(args.model), Path(args.gguf), args.type, adapter, progress=sys.stderr.isatty()))
+    written = export_gguf(hub.resolve(args.model), Path(args.gguf), args.type, adapter, progress=sys.stderr.isatty())
+    print("\n".join(str(path) for path in written))
     return 0
 
 

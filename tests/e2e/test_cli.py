@@ -398,6 +398,18 @@ def test_run_on_llama_cpp_gguf_pair_with_mmproj(env, tiny_vl, tmp_path):
     assert pair.out == folder.out
 
 
+def test_export_of_a_vl_model_is_the_llama_cpp_pair(env, tiny_vl, tmp_path):
+    """`qwenkit export` of a VL folder writes the language GGUF and mmproj-<name> beside it; `run` on the GGUF finds
+    that mmproj by itself and answers as the folder does."""
+    out = tmp_path / "gguf" / "tiny-vl.gguf"
+    r = run_cli("export", str(tiny_vl), "--gguf", str(out), "--type", "f32", env=env)
+    assert r.rc == 0, str(r)
+    assert r.out.split() == [str(out), str(out.with_name("mmproj-tiny-vl.gguf"))]
+    args = ["What is it?", "--image", str(PHOTOS / "astronaut_tall.png"), *GREEDY, "--quiet-stats"]
+    pair, folder = run_cli("run", str(out), *args, env=env), run_cli("run", str(tiny_vl), *args, env=env)
+    assert pair.rc == 0 and pair.out == folder.out, f"{pair}\n{folder}"
+
+
 def test_run_with_a_bad_image_is_one_error_line(env, tiny_vl, tiny, tmp_path):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes((PHOTOS / "chelsea_exif6.jpg").read_bytes()[:4000])
