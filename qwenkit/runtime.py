@@ -78,6 +78,7 @@ class Model:
         release_free_heap()
         self.model = checkpoint.load_model(dtype, quant)
         release_free_heap()
+        self.image_spec = checkpoint.image_spec()  # read once (None for a text-only model), not per request
         self.load_seconds = time.perf_counter() - started
         self.template = ChatTemplate(
             self.tokenizer.chat_template,
@@ -222,7 +223,7 @@ class Model:
         from qwenkit.media.image import load_image, preprocess
         from qwenkit.media.sources import read_source
 
-        spec = self.checkpoint.image_spec()
+        spec = self.image_spec
         merge, placeholder = spec.merge_size, self.config.image_token_id
         images = []
         for i, url in enumerate(sources):

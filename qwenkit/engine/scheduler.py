@@ -135,7 +135,8 @@ class Scheduler:
             stream.put(ContextTooLong(f"prompt is {prompt} tokens; the KV cache holds {held}"))
             return
         mm = None
-        if stream.request.images or self.model.config.image_token_id in stream.request.prompt_ids:
+        placeholder = self.model.config.image_token_id  # None for a text-only model: no scan of the prompt
+        if stream.request.images or (placeholder is not None and placeholder in stream.request.prompt_ids):
             # (image tokens without their images would run as plain embeddings: a silent wrong answer)
             try:
                 mm = MultimodalPrompt(stream.request.prompt_ids, stream.request.images, self.model.config)
