@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from qwenkit.errors import BadCheckpoint, BadImage, UnsupportedModel
+from qwenkit.media.sources import sniff_format
 
 MAX_INPUT_PIXELS = 50_000_000  # a decoded image this big is 150 MB of RGB; anything larger is refused unread
 MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses more, so the model never saw such an image
@@ -112,28 +113,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 _DECODED = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}  # Pillow's format name -> the name users know
 
 
-def _sniff(data: bytes) -> str | None:
-    """The format named by the file's magic bytes. We pick the decoder ourselves so that Pillow never runs the header
-    parser of a format we do not accept, and so that a GIF or HEIC gets a message naming it."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
-        return "AVIF"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
-        return "HEIC"
-    if data[:2] == b"BM":
-        return "BMP"
-    return None
-
-
 class _EndTrackingReader(io.BytesIO):
     """Remembers whether the decoder asked for bytes past the end. A complete JPEG, PNG or WebP never does, a truncated
     one always does: this catches truncation even when some other code in the process has set Pillow's global
@@ -155,7 +134,7 @@ def load_image(data: bytes, *, source: str, max_pixels_in: int = MAX_INPUT_PIXEL
     a one-line message; nothing Pillow raises gets through. The pixel count is checked from the header, before
     anything is decoded. Animated PNG/WebP give their first frame, as transformers does.
     """
-    fmt = _sniff(data)
+    fmt = sniff_format(data)
     if fmt is None:
         raise BadImage(f"{source}: not an image (expected JPEG, PNG or WebP)")
     if fmt not in _DECODED:

@@ -35,9 +35,32 @@ class SourcePolicy:
 def data_url(path: Path, where: str, policy: SourcePolicy) -> str:
     """A local image as a data: URL, which any backend (a server, a router, this process) accepts."""
     data = _file(path, where, policy.max_bytes)
-    kind = {b"\xff\xd8": "jpeg", b"\x89P": "png", b"RI": "webp"}.get(data[:2], "octet-stream")
-    media = "application/octet-stream" if kind == "octet-stream" else f"image/{kind}"
+    fmt = sniff_format(data)
+    media = f"image/{fmt.lower()}" if fmt in ("JPEG", "PNG", "WEBP") else "application/octet-stream"
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the bytes' magic (Pillow's names: JPEG, PNG, WEBP, GIF...), or None. The loader
+    (qwenkit.media.image) picks the decoder by it, so that Pillow never runs the header parser of a format we do not
+    accept, and so that a GIF or HEIC gets a message naming it."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
+        return "HEIC"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
 
 
 def read_source(url: str, where: str, policy: SourcePolicy) -> bytes:
