@@ -552,7 +552,7 @@ def run_workload(name: str, args, prompt: list[int], bandwidth: dict, llama_ok: 
     result = {"workload": name, "description": description, "path": str(path), **facts, "engines": {}}
     say(f"\n== {name}: {description}\n   {path} ({facts['file_bytes'] / 1e6:.0f} MB)")
     workers: dict[str, Worker] = {}
-    logdir = Path(tempfile.mkdtemp(prefix=f"qwenkit-bench-{name}-"))
+    logdir = Path(tempfile.mkdtemp(prefix=f"qwenkit-bench-{Path(name).name}-"))  # name may be a path
     try:
         for engine in args.engines:
             if engine == "llama.cpp" and not llama_ok:
