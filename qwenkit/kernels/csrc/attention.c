@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "kernels.h"
 #include "simd.h"
 
 /* AVX-512 where the variant has it; 8 lanes of simd.h on the AVX2, AVX-VNNI and NEON variants; plain C otherwise. */
@@ -193,43 +194,84 @@ INLINE void row_avx512(const RowTask *a, const int half) {
 #if QK_VEC8
 INLINE vf load8(const void *p, int half) { return half ? load_h8(p) : load_f((const float *)p); }
 
-/* D a multiple of 8. Scores four keys at a time (four independent chains of multiply-adds), values one head at a
- * time in column blocks of up to 64 (eight accumulators). */
-INLINE void row_vec8(const RowTask *a, const int half) {
-    const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
-    for (int64_t g = 0; g < G; g++) {
-        const float *qh = a->q + g * a->hs;
-        float *sg = a->s + g * n;
-        int64_t t = 0;
-        for (; t + 4 <= n; t += 4) {
-            vf acc[4] = {zero_f(), zero_f(), zero_f(), zero_f()};
-            for (int64_t j = 0; j < D; j += 8) {
-                const vf qj = load_f(qh + j);
-                for (int i = 0; i < 4; i++)
-                    acc[i] = fmadd_f(qj, load8(a->k + AT(a, t + i, esize) + j * esize, half), acc[i]);
-            }
-            for (int i = 0; i < 4; i++) sg[t + i] = hsum_f(acc[i]) * a->scale;
-        }
-        for (; t < n; t++) {
-            vf acc = zero_f();
-            for (int64_t j = 0; j < D; j += 8)
-                acc = fmadd_f(load_f(qh + j), load8(a->k + AT(a, t, esize) + j * esize, half), acc);
-            sg[t] = hsum_f(acc) * a->scale;
+/* Ask for the cache line at p ahead of its use (the keys and values of one layer come from memory once per token,
+ * through slots, where the hardware prefetcher loses the stream at every block). */
+INLINE void prefetch(const void *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#endif
+}
+#define AHEAD8 16 /* keys (or values) ahead that the loops below ask for */
+
+/* Scores of NH heads (g, g + 1, ...) against keys t..t+3: each key vector is loaded (and converted from fp16) once
+ * for the NH heads, four keys x NH heads of independent multiply-add chains. */
+INLINE void scores_4keys(const RowTask *a, const int half, int64_t g, const int NH, int64_t t) {
+    const int64_t esize = half ? 2 : 4;
+    vf acc[2][4];
+    for (int h = 0; h < NH; h++)
+        for (int i = 0; i < 4; i++) acc[h][i] = zero_f();
+    for (int64_t j = 0; j < a->D; j += 8) {
+        vf qj[2];
+        for (int h = 0; h < NH; h++) qj[h] = load_f(a->q + (g + h) * a->hs + j);
+        for (int i = 0; i < 4; i++) {
+            const vf kv = load8(a->k + AT(a, t + i, esize) + j * esize, half);
+            for (int h = 0; h < NH; h++) acc[h][i] = fmadd_f(qj[h], kv, acc[h][i]);
         }
     }
-    softmax_rows(a);
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t j0 = 0; j0 < D; j0 += 64) {
-            const int nc = (int)((D - j0 < 64 ? D - j0 : 64) / 8);
-            vf acc[8];
-            for (int c = 0; c < nc; c++) acc[c] = zero_f();
-            for (int64_t t = 0; t < n; t++) {
-                const char *vt = a->v + AT(a, t, esize) + j0 * esize;
-                const vf p = set1_f(a->s[g * n + t]);
-                for (int c = 0; c < nc; c++) acc[c] = fmadd_f(p, load8(vt + 8 * c * esize, half), acc[c]);
-            }
-            for (int c = 0; c < nc; c++) store_f(a->out + g * a->hs + j0 + 8 * c, acc[c]);
+    for (int h = 0; h < NH; h++)
+        for (int i = 0; i < 4; i++) a->s[(g + h) * a->n + t + i] = hsum_f(acc[h][i]) * a->scale;
+}
+
+/* Weighted values of NH heads over columns [j0, j0 + 8 * NC): each value vector loaded once for the NH heads. */
+INLINE void values_cols(const RowTask *a, const int half, int64_t g, const int NH, int64_t j0, const int NC) {
+    const int64_t esize = half ? 2 : 4, n = a->n;
+    vf acc[2][4];
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < NC; c++) acc[h][c] = zero_f();
+    for (int64_t t = 0; t < n; t++) {
+        const char *vt = a->v + AT(a, t, esize) + j0 * esize;
+        if (g == 0 && j0 == 0 && t + AHEAD8 < n) /* the whole row: the later column blocks then find it in cache */
+            for (int64_t at = 0; at < a->D * esize; at += 64) prefetch(a->v + AT(a, t + AHEAD8, esize) + at);
+        vf p[2];
+        for (int h = 0; h < NH; h++) p[h] = set1_f(a->s[(g + h) * n + t]);
+        for (int c = 0; c < NC; c++) {
+            const vf vv = load8(vt + 8 * c * esize, half);
+            for (int h = 0; h < NH; h++) acc[h][c] = fmadd_f(p[h], vv, acc[h][c]);
         }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < NC; c++) store_f(a->out + (g + h) * a->hs + j0 + 8 * c, acc[h][c]);
+}
+
+/* D a multiple of 8. The query heads that share a key/value head go through in pairs: every key and value
+ * vector is read and converted once per pair, not once per head. Each score and each output lane is one chain
+ * whose order depends on D and n alone. */
+INLINE void row_vec8(const RowTask *a, const int half) {
+    const int64_t G = a->G, D = a->D, n = a->n, esize = half ? 2 : 4;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        if (t + AHEAD8 < n)
+            for (int i = 0; i < 4; i++)
+                for (int64_t at = 0; at < D * esize; at += 64) prefetch(a->k + AT(a, t + AHEAD8 + i, esize) + at);
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) scores_4keys(a, half, g, 2, t);
+        if (g < G) scores_4keys(a, half, g, 1, t);
+    }
+    for (; t < n; t++) /* the last keys one by one */
+        for (int64_t g = 0; g < G; g++) {
+            vf acc = zero_f();
+            for (int64_t j = 0; j < D; j += 8)
+                acc = fmadd_f(load_f(a->q + g * a->hs + j), load8(a->k + AT(a, t, esize) + j * esize, half), acc);
+            a->s[g * n + t] = hsum_f(acc) * a->scale;
+        }
+    softmax_rows(a);
+    for (int64_t j0 = 0; j0 < D;) { /* columns 32 at a time (a 64-byte line of fp16 values), then 8 */
+        const int nc = D - j0 >= 32 ? 4 : 1;
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) nc == 4 ? values_cols(a, half, g, 2, j0, 4) : values_cols(a, half, g, 2, j0, 1);
+        if (g < G) nc == 4 ? values_cols(a, half, g, 1, j0, 4) : values_cols(a, half, g, 1, j0, 1);
+        j0 += 8 * nc;
+    }
 }
 #endif
 
@@ -304,53 +346,60 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
     const int64_t G = H / KV, esize = half ? 2 : 4, head_stride = n_slots * D;
     float *qr = malloc(sizeof(float) * (size_t)(N * H * D)); /* normed, rotated queries [N, H, D] */
     if (!qr) return 3;
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t task = 0; task < N * (H + KV); task++) {
-        const int64_t n = task / (H + KV), head = task % (H + KV);
-        const float *c = cos + n * D, *s = sin + n * D;
-        if (head < H) {
-            norm_rope(q + n * qs + head * D, q_norm, eps, c, s, D, qr + (n * H + head) * D);
-        } else {
-            const int64_t j = head - H, at = (j * n_slots + write_slot[n]) * D * esize;
-            float key[512];
-            norm_rope(k + n * ks + j * D, k_norm, eps, c, s, D, key);
-            store_row((char *)k_pool + at, key, D, half);
-            store_row((char *)v_pool + at, v + n * vs + j * D, D, half);
-        }
-    }
+    int64_t work = 0; /* multiply-adds of the scores and the weighted values */
+    for (int64_t n = 0; n < N; n++) work += 2 * row_len[n] * H * D;
+    if (n_threads < 1 || 4 * work < SMALL_WORK) n_threads = 1; /* float multiply-adds: four times an int8 one */
     int failed = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : failed)
-    for (int64_t task = 0; task < N * KV; task++) {
-        const int64_t n = task / KV, kvh = task % KV, hi = row_len[n];
-        const int64_t lo = window > 0 && hi > window ? hi - window : 0, at = (n * H + kvh * G) * D;
-        RowTask a = {qr + at, out + at, (const char *)k_pool + kvh * head_stride * esize,
-                     (const char *)v_pool + kvh * head_stride * esize, ctx + row_ctx[n] + lo, NULL, D, D, G, D, hi - lo,
-                     scale};
-        int bad = 0;
-        for (int64_t t = 0; t < a.n; t++) bad |= a.slot[t] < 0 || a.slot[t] >= n_slots;
-        a.s = bad ? NULL : malloc(sizeof(float) * (size_t)(G * a.n));
-        if (!a.s) {
-            failed |= bad ? 4 : 3;
-            continue;
+    /* One parallel region, two loops: every row's key and value are stored (the barrier between the loops)
+     * before any row attends. */
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * (H + KV); task++) {
+            const int64_t n = task / (H + KV), head = task % (H + KV);
+            const float *c = cos + n * D, *s = sin + n * D;
+            if (head < H) {
+                norm_rope(q + n * qs + head * D, q_norm, eps, c, s, D, qr + (n * H + head) * D);
+            } else {
+                const int64_t j = head - H, at = (j * n_slots + write_slot[n]) * D * esize;
+                float key[512];
+                norm_rope(k + n * ks + j * D, k_norm, eps, c, s, D, key);
+                store_row((char *)k_pool + at, key, D, half);
+                store_row((char *)v_pool + at, v + n * vs + j * D, D, half);
+            }
         }
+#pragma omp for schedule(static) reduction(| : failed)
+        for (int64_t task = 0; task < N * KV; task++) {
+            const int64_t n = task / KV, kvh = task % KV, hi = row_len[n];
+            const int64_t lo = window > 0 && hi > window ? hi - window : 0, at = (n * H + kvh * G) * D;
+            RowTask a = {qr + at, out + at, (const char *)k_pool + kvh * head_stride * esize,
+                         (const char *)v_pool + kvh * head_stride * esize, ctx + row_ctx[n] + lo, NULL, D, D, G, D,
+                         hi - lo, scale};
+            int bad = 0;
+            for (int64_t t = 0; t < a.n; t++) bad |= a.slot[t] < 0 || a.slot[t] >= n_slots;
+            a.s = bad ? NULL : malloc(sizeof(float) * (size_t)(G * a.n));
+            if (!a.s) {
+                failed |= bad ? 4 : 3;
+                continue;
+            }
 #if QK_AVX512
-        if (D % 16 == 0) {
-            if (half)
-                row_avx512(&a, 1);
-            else
-                row_avx512(&a, 0);
-        } else
+            if (D % 16 == 0) {
+                if (half)
+                    row_avx512(&a, 1);
+                else
+                    row_avx512(&a, 0);
+            } else
 #elif QK_VEC8
-        if (D % 8 == 0) {
-            if (half)
-                row_vec8(&a, 1);
-            else
-                row_vec8(&a, 0);
-        } else
+            if (D % 8 == 0) {
+                if (half)
+                    row_vec8(&a, 1);
+                else
+                    row_vec8(&a, 0);
+            } else
 #endif
-            row_portable(&a, half);
-        free(a.s);
+                row_portable(&a, half);
+            free(a.s);
+        }
     }
     free(qr);
     return failed & 4 ? 4 : failed ? 3 : 0;

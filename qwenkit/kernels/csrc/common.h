@@ -15,6 +15,11 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_threads(void) { return 1; }
 #endif
 
+/* Multiply-adds below which a call runs on one thread: waking another costs a few microseconds, as much as
+ * about half a million multiply-adds (a decode step of a small model makes hundreds of such calls). How the work
+ * is split never changes a result. */
+#define SMALL_WORK (1 << 19)
+
 /* IEEE half -> float, in portable C (subnormals included). */
 INLINE float half_bits_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
