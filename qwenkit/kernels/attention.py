@@ -35,18 +35,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     strides free, e.g. views of one fused projection); Qwen3's q/k norms where their weights are given; RoPE with
     cos, sin [N, D]; keys and values stored in the pools [KV, slots, D]; each row attending over its own context
     (Slots). -> [N, H * D] float32."""
+    # A decode step makes one call per layer: the checks are kept to plain comparisons (each costs a fraction of
+    # a microsecond, where the kernel's work for a short context is a few microseconds).
     n, d = q.shape[0], k_pool.shape[-1]
-    for t, width in ((q, heads * d), (k, kv_heads * d), (v, kv_heads * d)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (n, width) or t.stride(1) != 1:
-            raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
+    f32 = torch.float32
+    if not (q.dtype == k.dtype == v.dtype == f32 and q.shape == (n, heads * d) and k.shape == v.shape == (n, kv_heads * d)
+            and q.stride(1) == k.stride(1) == v.stride(1) == 1):
+        raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
     if k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or k_pool.shape != v_pool.shape \
             or k_pool.shape[0] != kv_heads or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError("paged attention: pools must be contiguous float16/float32 [kv_heads, slots, head_dim]")
-    if slots.write.numel() != n or slots.starts.numel() != n or slots.lengths.numel() != n:
+    if not slots.write.numel() == slots.starts.numel() == slots.lengths.numel() == n:
         raise ValueError("paged attention: one write slot, context start and length per row")
-    cos, sin = cos.reshape(n, d).float().contiguous(), sin.reshape(n, d).float().contiguous()
-    weights = [w.float().contiguous() if w is not None else None for w in (q_norm, k_norm)]
-    out = torch.empty((n, heads * d), dtype=torch.float32)
+    if cos.dtype != f32 or not cos.is_contiguous() or cos.numel() != n * d:
+        cos = cos.reshape(n, d).float().contiguous()
+    if sin.dtype != f32 or not sin.is_contiguous() or sin.numel() != n * d:
+        sin = sin.reshape(n, d).float().contiguous()
+    weights = [None if w is None else w if w.dtype == f32 and w.is_contiguous() else w.float().contiguous()
+               for w in (q_norm, k_norm)]
+    out = torch.empty((n, heads * d), dtype=f32)
     rc = library().qk_paged_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, heads, kv_heads, d,
         *(w.data_ptr() if w is not None else None for w in weights), eps, cos.data_ptr(), sin.data_ptr(),

@@ -54,15 +54,16 @@ class Parts:
     def __init__(self, blocks: list[tuple[torch.Tensor, int]]):
         self.blocks = blocks
         self.rows = sum(int(b.shape[0]) for b, _ in blocks)
-        self._array = (Part * len(blocks))(*(Part(b.data_ptr(), int(t), int(b.shape[0])) for b, t in blocks))
+        self.array = (Part * len(blocks))(*(Part(b.data_ptr(), int(t), int(b.shape[0])) for b, t in blocks))
+        self._call = library().qk_matmul  # looked up once: a decode step makes over a hundred of these calls
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 contiguous -> [M, rows] float32."""
         m, k = x.shape
         y = torch.empty((m, self.rows), dtype=torch.float32)
-        rc = library().qk_matmul(self._array, len(self.blocks), x.data_ptr(), m, k, y.data_ptr(),
-                                 torch.get_num_threads())
-        check(rc, "block matmul")
+        rc = self._call(self.array, len(self.blocks), x.data_ptr(), m, k, y.data_ptr(), torch.get_num_threads())
+        if rc:
+            check(rc, "block matmul")
         return y
 
 

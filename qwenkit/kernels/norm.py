@@ -15,10 +15,13 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of float32 x with a float32 weight: x * rsqrt(mean(x^2) + eps) * weight."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:]:
+    dim = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (dim,):
         raise ValueError("rms_norm: float32 rows and a float32 weight of their width")
     x = x.contiguous()
     out = torch.empty_like(x)
-    check(library().qk_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.contiguous().data_ptr(),
-                                eps, out.data_ptr()), "rms_norm")
+    rc = library().qk_rms_norm(x.data_ptr(), x.numel() // dim, dim, weight.contiguous().data_ptr(), eps,
+                               out.data_ptr())
+    if rc:
+        check(rc, "rms_norm")
     return out

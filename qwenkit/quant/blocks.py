@@ -13,6 +13,7 @@ tensors the quantizer gave different types (Q4_K_M files mix Q5_0 and Q8_0 in at
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class BlockLinear(nn.Module):
         self.matrix_dtype = plan.matrix_dtype
         self.prompt_on_blocks = plan.prompt_on_blocks(self.kernel_types)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._kernel: tuple[tuple[int, ...], block_kernels.Parts] | None = None
+        self._kernel: tuple[tuple[torch.Tensor, ...], block_kernels.Parts] | None = None
 
     def _blocks(self) -> list[tuple[torch.Tensor, int]]:
         return [(getattr(self, f"blocks{i}"), t) for i, t in enumerate(self.kernel_types)]
@@ -119,17 +120,19 @@ class BlockLinear(nn.Module):
         return sum(b.nbytes for b in self.buffers())
 
     def _parts(self) -> block_kernels.Parts:
-        # The kernel holds raw pointers: rebuilt whenever a buffer was replaced (load_state_dict, .to(...)).
-        # Read through _buffers, not getattr: this runs for every matmul of every decode step.
-        ptrs = tuple(b.data_ptr() for b in self._buffers.values())
-        if self._kernel is None or self._kernel[0] != ptrs:
+        # The kernel holds raw pointers: rebuilt whenever a buffer was replaced (load_state_dict, .to(...)), which
+        # replaces the tensor objects in _buffers. Compared by identity: this runs for every matmul of every
+        # decode step, and a tuple of data_ptr() calls cost more than the smallest matmuls themselves.
+        buffers = tuple(self._buffers.values())
+        kernel = self._kernel
+        if kernel is None or not all(map(operator.is_, kernel[0], buffers)) or len(kernel[0]) != len(buffers):
             blocks = self._blocks()
             for b, t in blocks:
                 want = (int(b.shape[0]), block_kernels.row_bytes(t, self.in_features))
                 if b.dtype != torch.uint8 or tuple(b.shape) != want or not b.is_contiguous():
                     raise ValueError(f"BlockLinear: a weight buffer was replaced by {b.dtype} {list(b.shape)}")
-            self._kernel = (ptrs, block_kernels.Parts(blocks))
-        return self._kernel[1]
+            kernel = self._kernel = (buffers, block_kernels.Parts(blocks))
+        return kernel[1]
 
     # ---- the weight in other forms -----------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
