@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "reference": ["-march=x86-64"],
     },
     "aarch64": {
+        "i8mm": ["-march=armv8.2-a+dotprod+i8mm"],  # smmla: Cortex-A510/A710/X2 and later, Apple M2 and later
         "neon": ["-march=armv8.2-a+dotprod"],  # sdot: Cortex-A55/A76 and later, every Apple chip
         "reference": ["-march=armv8-a"],
     },

@@ -2,7 +2,7 @@
 variant, loaded by ctypes. qwenkit.kernels.blocks, .attention and .norm wrap its functions.
 
 Every variant of this machine's architecture is compiled at install (qwenkit.kernels.build: avx512vnni, avxvnni,
-avx2 and reference on x86-64; neon and reference on Arm), and the best one this CPU executes is loaded once, as
+avx2 and reference on x86-64; i8mm, neon and reference on Arm), and the best one this CPU executes is loaded once, as
 ggml chooses its CPU backend variants. So a build made on one machine runs at full speed on another, and a device
 needs no compiler. Every variant computes the same block matmuls bit for bit (csrc/simd.h).
 
@@ -36,6 +36,7 @@ REQUIRES = {
     "avx512vnni": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
     "avxvnni": _V3 | {"avx_vnni"},
     "avx2": _V3,
+    "i8mm": {"asimddp", "i8mm"},
     "neon": {"asimddp"},
     "reference": set(),
 }

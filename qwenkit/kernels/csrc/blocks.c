@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "kernels.h"
 #include "simd.h"
 
 enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
@@ -505,38 +506,43 @@ INLINE void group_x8(const int type, const uint8_t *w, const acts *a, int64_t m0
     for (int64_t b = 0; b < nb32; b++, w += bytes) {
         const vf d = load_h8(w); /* the 8 rows' scales */
         /* Each row's integer sum over the block, lane i = weight row i. Integer addition is exact, so how the
-         * partial sums are grouped (dot_us_n) changes no result. */
+         * partial sums are grouped (dot_us_n, dot2_x8) changes no result. */
         vi32 sums[MAX_M];
         const int8_t *x0 = a->q + m0 * a->k + 32 * b;
-        if (type == T_Q8_0) { /* signed weights: no 16-bit shortcut (a pair of products can reach 32512) */
-            for (int r = 0; r < M; r++) {
-                vi32 dot[4] = {zero_i32(), zero_i32(), zero_i32(), zero_i32()};
-                for (int c = 0; c < 8; c++)
-                    dot[c & 3] = dot_ss(dot[c & 3], load_i8(w + 16 + 32 * c), set4_i8(x0 + r * a->k + 4 * c));
-                sums[r] = add_i32(add_i32(dot[0], dot[1]), add_i32(dot[2], dot[3]));
-            }
+        /* The weights' values in activation order: vals[j] holds the 8 rows' values 4j..4j+3, met by activation
+         * bytes 4j..4j+3 of each row. Q4_0/Q5_0 keep values j and 16 + j in one byte's low and high nibble. */
+        vi8 vals[8];
+        if (type == T_Q8_0) {
+            for (int c = 0; c < 8; c++) vals[c] = load_i8(w + 16 + 32 * c);
         } else {
-            /* The 4-bit values of chunk c, low then high nibbles: wv[2c] meets activation bytes 4c..4c+3 of each
-             * row, wv[2c + 1] bytes 16 + 4c..; Q5_0 adds its fifth bits. */
             const uint8_t *qs = w + (type == T_Q5_0 ? 48 : 16);
-            vi8 wv[8];
             for (int c = 0; c < 4; c++) {
                 const vi8 t = load_i8(qs + 32 * c);
-                wv[2 * c] = and_i8(t, m4), wv[2 * c + 1] = and_i8(SRL_I8(t, 4), m4);
-                if (type == T_Q5_0) {
+                vals[c] = and_i8(t, m4), vals[4 + c] = and_i8(SRL_I8(t, 4), m4);
+                if (type == T_Q5_0) { /* the fifth bits */
                     uint32_t ml, mh;
                     memcpy(&ml, w + 16 + 8 * c, 4);
                     memcpy(&mh, w + 20 + 8 * c, 4);
-                    wv[2 * c] = or_i8(wv[2 * c], and_i8(bits_to_bytes(ml), b16));
-                    wv[2 * c + 1] = or_i8(wv[2 * c + 1], and_i8(bits_to_bytes(mh), b16));
+                    vals[c] = or_i8(vals[c], and_i8(bits_to_bytes(ml), b16));
+                    vals[4 + c] = or_i8(vals[4 + c], and_i8(bits_to_bytes(mh), b16));
                 }
             }
-            for (int r = 0; r < M; r++) {
-                const int8_t *xr = x0 + r * a->k;
-                vi8 xv[8];
-                for (int c = 0; c < 4; c++) xv[2 * c] = set4_i8(xr + 4 * c), xv[2 * c + 1] = set4_i8(xr + 16 + 4 * c);
-                sums[r] = type == T_Q4_0 ? dot_us_n(zero_i32(), wv, xv, 8)  /* 4-bit values: 8 pairs fit 16 bits */
-                                         : dot_us_n(dot_us_n(zero_i32(), wv, xv, 4), wv + 4, xv + 4, 4);
+        }
+        int r = 0;
+#if defined(QK_I8MM)
+        for (; r + 2 <= M; r += 2) dot2_x8(vals, x0 + r * a->k, x0 + (r + 1) * a->k, &sums[r], &sums[r + 1]);
+#endif
+        for (; r < M; r++) {
+            const int8_t *xr = x0 + r * a->k;
+            vi8 xv[8];
+            for (int j = 0; j < 8; j++) xv[j] = set4_i8(xr + 4 * j);
+            if (type == T_Q8_0) { /* signed weights: no 16-bit shortcut (a pair of products can reach 32512) */
+                vi32 dot[4] = {zero_i32(), zero_i32(), zero_i32(), zero_i32()};
+                for (int j = 0; j < 8; j++) dot[j & 3] = dot_ss(dot[j & 3], vals[j], xv[j]);
+                sums[r] = add_i32(add_i32(dot[0], dot[1]), add_i32(dot[2], dot[3]));
+            } else {
+                sums[r] = type == T_Q4_0 ? dot_us_n(zero_i32(), vals, xv, 8) /* 4-bit values: 8 pairs fit 16 bits */
+                                         : dot_us_n(dot_us_n(zero_i32(), vals, xv, 4), vals + 4, xv + 4, 4);
             }
         }
         for (int r = 0; r < M; r++) {
@@ -565,12 +571,6 @@ OVER_ROWS(row_dot, row_kernel)
 
 /* ---- y = x W^T over weights given in parts (fused q/k/v, gate/up: each part its own type) --------------- */
 
-typedef struct {
-    const uint8_t *w;
-    int64_t type;
-    int64_t rows;
-} qk_part;
-
 /* x [m, k] float32; parts' rows stacked make W [n, k]; y [m, n] float32. */
 int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int64_t k, float *y, int n_threads) {
     int64_t n = 0;
@@ -592,9 +592,9 @@ int qk_matmul(const qk_part *parts, int n_parts, const float *x, int64_t m, int6
     for (int64_t r = 0; r < m; r++)
         quantize_row(x + r * k, k, q + r * k, f + r * (k / 32), f + m * (k / 32) + r * (k / 32),
                      f + 2 * m * (k / 32) + r * (k / 16));
-    if (n_threads < 1) n_threads = 1;
+    if (n_threads < 1 || m * n * k < SMALL_WORK) n_threads = 1; /* waking a second thread costs more than it saves */
     if (n_threads > n) n_threads = (int)n;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t first = n * t / nt, last = n * (t + 1) / nt; /* this thread's rows of W */

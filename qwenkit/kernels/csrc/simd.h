@@ -6,6 +6,8 @@
  *   avxvnni     AVX-VNNI (Alder Lake and later, Zen 5): the same instruction, VEX-encoded
  *   avx2        AVX2 + FMA + F16C: vpmaddubsw then vpmaddwd, as ggml does
  *   neon        Armv8.2 NEON with the dot-product extension (sdot), two 128-bit halves per vector
+ *   i8mm        neon, and the int8 matrix multiply (smmla: Cortex-A510/A710/X2 and later, Apple M2 and later):
+ *               the 8-row block kernels take two activation rows per instruction (dot2_x8)
  *   reference   plain C, one lane at a time
  *
  * Every variant gives the same bits. Integer dot products sum the same four products into the same lane (vpdpbusd,
@@ -32,6 +34,11 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QK_VARIANT "avx2"
 #define QK_X86 1
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_MATMUL_INT8) && \
+    defined(__aarch64__)
+#define QK_VARIANT "i8mm"
+#define QK_NEON 1
+#define QK_I8MM 1
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
 #define QK_VARIANT "neon"
 #define QK_NEON 1
@@ -372,6 +379,28 @@ INLINE vi32 dot_us_n(vi32 acc, const vi8 *u, const vi8 *s, const int n) {
     return add_i32(p0, p1);
 #endif
 }
+
+#if defined(QK_I8MM)
+/* Two activation rows a and b against 8 interleaved weight rows: w[j] holds the 8 rows' values 4j..4j+3 (row i in
+ * bytes 4i..4i+3), met by activation bytes 4j..4j+3; *sa, *sb get lane i = row i's integer dot with a, with b.
+ * smmla multiplies a 2x8 by an 8x2 block of signed bytes: two weight rows' 8 values (chunks j and j + 1 zipped)
+ * against two activation rows' 8 bytes, four sums at once. The sums are exact, so equal to dot_us/dot_ss's. */
+INLINE void dot2_x8(const vi8 w[8], const int8_t *a, const int8_t *b, vi32 *sa, vi32 *sb) {
+    int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; /* rows 01, 23, 45, 67 */
+    for (int j = 0; j < 8; j += 2) {
+        const int8x16_t x = vcombine_s8(vld1_s8(a + 4 * j), vld1_s8(b + 4 * j));
+        const int32x4_t lo0 = vreinterpretq_s32_s8(w[j].lo), lo1 = vreinterpretq_s32_s8(w[j + 1].lo);
+        const int32x4_t hi0 = vreinterpretq_s32_s8(w[j].hi), hi1 = vreinterpretq_s32_s8(w[j + 1].hi);
+        acc[0] = vmmlaq_s32(acc[0], vreinterpretq_s8_s32(vzip1q_s32(lo0, lo1)), x);
+        acc[1] = vmmlaq_s32(acc[1], vreinterpretq_s8_s32(vzip2q_s32(lo0, lo1)), x);
+        acc[2] = vmmlaq_s32(acc[2], vreinterpretq_s8_s32(vzip1q_s32(hi0, hi1)), x);
+        acc[3] = vmmlaq_s32(acc[3], vreinterpretq_s8_s32(vzip2q_s32(hi0, hi1)), x);
+    }
+    /* acc[p] = [row 2p . a, row 2p . b, row 2p+1 . a, row 2p+1 . b] */
+    *sa = (vi32){vuzp1q_s32(acc[0], acc[1]), vuzp1q_s32(acc[2], acc[3])};
+    *sb = (vi32){vuzp2q_s32(acc[0], acc[1]), vuzp2q_s32(acc[2], acc[3])};
+}
+#endif
 
 /* exp(x) for x <= 0 (scores minus their maximum): 2^n * p(f), |relative error| < 2e-7 (Cephes' expf polynomial,
  * with ln 2 split in two for the reduction). */
