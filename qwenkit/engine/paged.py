@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from qwenkit.engine.fused import FusedLayers, step_args
 from qwenkit.kernels import attention as attention_kernels
 from qwenkit.kernels.attention import Slots
 from qwenkit.kernels.library import available
@@ -141,9 +142,12 @@ class PagedBatch:
     sequence's keys only, never padded to its neighbours' lengths, so its result is the same in any batch.
     """
 
-    def __init__(self, pool: BlockPool, segments: list[tuple[int, torch.Tensor]], positions: torch.Tensor):
+    def __init__(self, pool: BlockPool, segments: list[tuple[int, torch.Tensor]], positions: torch.Tensor,
+                 fused: FusedLayers | None = None):
         self.pool = pool
         self.segments = segments
+        self.fused = fused  # given for a step of generated rows only: its layers may run fused
+        self._step: tuple | None = None  # (cos, the step's C arguments, what they point into)
         self.positions = positions[None]  # [1, N] absolute position of each new token
         starts, lengths, offset = [], [], 0
         for rows, slots in segments:
@@ -152,6 +156,14 @@ class PagedBatch:
             offset += slots.numel()
         self.slots = Slots(torch.cat([slots[-rows:] for rows, slots in segments]),
                            torch.cat([slots for _, slots in segments]), torch.cat(starts), torch.cat(lengths))
+
+    def run_layer(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor | None:
+        if self.fused is None:
+            return None
+        if self._step is None or self._step[0] is not cos:  # once per step: every layer gets the same tables
+            self._step = (cos, *step_args(self.slots, cos[0, 0], sin[0, 0]))
+        return self.fused.run(layer, x, cos, sin, self._step[1])
 
     def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:

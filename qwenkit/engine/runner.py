@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qwenkit.engine.fused import FusedLayers
 from qwenkit.engine.paged import BlockPool, PagedBatch
 from qwenkit.model.qwen import ImageRows
 from qwenkit.model.vision import VisionFeatures
@@ -56,6 +57,7 @@ class ModelRunner:
     def __init__(self, model, pool: BlockPool, adapters: AdapterSet | None = None):
         self.model, self.pool, self.adapters = model, pool, adapters
         self._offsets = torch.arange(pool.block_size)
+        self.fused = FusedLayers(pool) if pool.native else None
 
     def run(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Compute tokens [first, end) of each planned sequence. -> (sequence, logits [r, V]) for each sequence
@@ -81,7 +83,8 @@ class ModelRunner:
         sample = [(seq, row - len(seq.draft), row + 1) for (seq, _, end), row in zip(plan, flat)
                   if end == len(seq.tokens)]
         batch = PagedBatch(self.pool, generated.segments + prompt.segments,
-                           torch.cat(generated.positions + prompt.positions))
+                           torch.cat(generated.positions + prompt.positions),
+                           fused=self.fused if not prompt.ids else None)  # generated rows only: row kernels
         ids = torch.tensor([generated.ids + prompt.ids])
         adapters = self.adapters.rows(torch.tensor(generated.adapters + prompt.adapters)) \
             if self.adapters is not None else contextlib.nullcontext()

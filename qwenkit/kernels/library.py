@@ -118,6 +118,8 @@ def library() -> ctypes.CDLL | None:
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_paged_attention.restype = i32
     lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]
     lib.qk_rms_norm.restype = i32
+    lib.qk_layer_front.argtypes = [p, p, p, p, i32]
+    lib.qk_layer_front.restype = i32
     log.info("CPU kernels: %s", variant)
     return lib
 

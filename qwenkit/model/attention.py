@@ -29,6 +29,10 @@ class AttentionContext(Protocol):
                sin: torch.Tensor) -> torch.Tensor:
         """Raw projections q [B, T, H * D], k and v [B, T, KV * D] -> attention output [B, T, H * D]."""
 
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """The whole decoder layer's output, where the context has a faster way to get exactly the modules'
+        numbers (the serving engine's decode steps: qwenkit.engine.fused); None: the layer's modules run."""
+
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
                 same: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +134,9 @@ class WholeSequences:
         same = segments[:, :, None] == segments[:, None, :]
         for w in windows:
             self.masks[w] = causal_mask(index[:, :, None], index[:, None, :], w, same)[:, None]
+
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        return None
 
     def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
