@@ -21,24 +21,46 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 
 from qwenkit.kernels import attention as attention_kernels
+from qwenkit.kernels.blocks import Parts
 from qwenkit.kernels.layer import LayerArgs, StepArgs, layer_front
 from qwenkit.model.qwen import MLP, DecoderLayer
 from qwenkit.quant.blocks import BlockLinear
 
 
+class _Sources(NamedTuple):
+    """What a layer's plan is built from: checked by identity every step, so a replaced module (an adapter's
+    wrapper), weight or kernel buffer makes a new plan."""
+
+    qkv_proj: BlockLinear
+    o_proj: BlockLinear
+    gate_up_proj: BlockLinear
+    down_proj: BlockLinear
+    qkv: Parts  # the kernel parts of the three the C call runs (their ctypes arrays are what it reads)
+    o: Parts
+    gate_up: Parts
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+
+
 @dataclass
 class _Plan:
-    """One layer's C description, and what it was built from (checked by identity every step)."""
+    """One layer's C description."""
 
-    sources: tuple  # also keeps the kernel parts (their ctypes arrays) alive
+    sources: _Sources
     args: LayerArgs
-    keep: tuple  # the other tensors whose addresses args holds
+    submodules: tuple[torch.nn.Module, ...]  # whose forward hooks would be skipped
+    keep: tuple  # the float32 copies (where one was needed) and pools whose addresses args holds
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,70 +76,72 @@ class FusedLayers:
 
     def __init__(self, pool):
         self.pool = pool
-        self._plans: dict[int, _Plan | None] = {}
+        self._plans: dict[int, _Plan] = {}
 
     @staticmethod
-    def _sources(layer: DecoderLayer) -> tuple | None:
-        """The modules and tensors a plan is built from, or None where the layer cannot run fused."""
+    def _sources(layer: DecoderLayer) -> _Sources | None:
+        """None where the layer cannot run fused."""
         attn, mlp = layer.self_attn, layer.mlp
         if type(mlp) is not MLP:
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if any(type(m) is not BlockLinear for m in linears):
             return None
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype != torch.float32 for w in norms):
+        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        norms = (norm_in.weight, norm_post.weight)
+        if any(w.dtype != torch.float32 for w in norms) or norm_in.eps != norm_post.eps:  # the C call takes one eps
             return None
         qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
-        return (*linears, *(m._parts() for m in linears[:3]), *norms, *qk, attn.qkv_proj.bias, attn.o_proj.bias)
+        return _Sources(*linears, *(m._parts() for m in linears[:3]), *norms, *qk, attn.qkv_proj.bias,
+                        attn.o_proj.bias)
 
     def _plan(self, layer: DecoderLayer) -> _Plan | None:
         sources = self._sources(layer)
         if sources is None:
             return None
         plan = self._plans.get(id(layer))
-        if plan is not None and len(plan.sources) == len(sources) and all(map(operator.is_, plan.sources, sources)):
+        if plan is not None and all(map(operator.is_, plan.sources, sources)):
             return plan
-        attn, mlp = layer.self_attn, layer.mlp
-        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        attn = layer.self_attn
         k_pool, v_pool = self.pool.k[attn.layer], self.pool.v[attn.layer]
-        if k_pool.dtype not in attention_kernels.POOL_DTYPES or norm_in.eps != norm_post.eps:
+        if k_pool.dtype not in attention_kernels.POOL_DTYPES:
             return None
-        qkv, o, gate_up = sources[4:7]
-        tensors = [_f32(t) for t in (attn.qkv_proj.bias, attn.o_proj.bias, norm_in.weight, norm_post.weight,
-                                     *sources[9:11])]
+        f32 = [_f32(t) for t in (sources.qkv_bias, sources.o_bias, sources.input_norm, sources.post_norm,
+                                 sources.q_norm, sources.k_norm)]
+        qkv_bias, o_bias, input_norm, post_norm, q_norm, k_norm = map(_ptr, f32)
         args = LayerArgs(
-            hidden=attn.o_proj.out_features, heads=attn.n_heads, kv_heads=attn.n_kv, head_dim=attn.head_dim,
-            inter2=mlp.gate_up_proj.out_features, qkv=qkv.array, o=o.array, gate_up=gate_up.array,
-            n_qkv=len(qkv.blocks), n_o=len(o.blocks), n_gate_up=len(gate_up.blocks),
-            qkv_bias=_ptr(tensors[0]), o_bias=_ptr(tensors[1]), input_norm=_ptr(tensors[2]),
-            post_norm=_ptr(tensors[3]), q_norm=_ptr(tensors[4]), k_norm=_ptr(tensors[5]), eps=norm_in.eps,
+            hidden=sources.o_proj.out_features, heads=attn.n_heads, kv_heads=attn.n_kv, head_dim=attn.head_dim,
+            inter2=sources.gate_up_proj.out_features, qkv=sources.qkv.array, o=sources.o.array,
+            gate_up=sources.gate_up.array, n_qkv=len(sources.qkv.blocks), n_o=len(sources.o.blocks),
+            n_gate_up=len(sources.gate_up.blocks), qkv_bias=qkv_bias, o_bias=o_bias, input_norm=input_norm,
+            post_norm=post_norm, q_norm=q_norm, k_norm=k_norm, eps=layer.input_layernorm.eps,
             qk_eps=attn.q_norm.eps if attn.q_norm is not None else 0.0, scale=attn.head_dim**-0.5,
             window=attn.window or 0, k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
             half=int(k_pool.dtype == torch.float16), n_slots=k_pool.shape[1])
-        plan = self._plans[id(layer)] = _Plan(sources, args, (*tensors, k_pool, v_pool))
+        submodules = tuple(m for m in layer.modules() if m is not layer)
+        plan = self._plans[id(layer)] = _Plan(sources, args, submodules, (*f32, k_pool, v_pool))
         return plan
 
     def run(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             step: StepArgs) -> torch.Tensor | None:
         """The layer's output for x [1, N, hidden], or None where the modules must run it (see the module doc)."""
-        if x.dtype != torch.float32 or torch.is_grad_enabled() or _hooked(layer):
+        if x.dtype != torch.float32 or torch.is_grad_enabled():
             return None
         plan = self._plan(layer)
-        if plan is None:
+        if plan is None or _hooked(plan.submodules):
             return None
         n, hidden = x.shape[1], x.shape[2]
-        out = x.reshape(n, hidden).clone()  # becomes x + attention, in place
+        out = x.reshape(n, hidden).clone(memory_format=torch.contiguous_format)  # becomes x + attention, in place
         gate_up = torch.empty((1, n, plan.args.inter2), dtype=torch.float32)
         layer_front(plan.args, step, out, gate_up)
         gate, up = gate_up.split(layer.mlp.split, dim=-1)
-        return out.view(1, n, hidden) + layer.mlp.down_proj(F.silu(gate) * up)
+        return out.view(1, n, hidden) + plan.sources.down_proj(F.silu(gate) * up)
 
 
-def _hooked(layer: DecoderLayer) -> bool:
+def _hooked(modules: tuple[torch.nn.Module, ...]) -> bool:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def step_args(slots: attention_kernels.Slots, cos: torch.Tensor, sin: torch.Tensor) -> tuple[StepArgs, tuple]:

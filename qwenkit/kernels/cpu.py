@@ -19,7 +19,7 @@ import sys
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature names as Linux's /proc/cpuinfo gives them ("flags" on x86, "Features" on Arm). Apple
-    silicon (no /proc) has NEON with the dot product on every chip."""
+    silicon (no /proc) has NEON with the dot product on every chip, and the int8 matrix multiply from M2 on."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -28,8 +28,19 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     if sys.platform == "darwin" and platform.machine() == "arm64":
-        return frozenset({"asimd", "asimddp"})
+        return frozenset({"asimd", "asimddp"} | ({"i8mm"} if _sysctl("hw.optional.arm.FEAT_I8MM") == "1" else set()))
     return frozenset()
+
+
+def _sysctl(name: str) -> str | None:
+    """A macOS sysctl value (Apple M2 and later report FEAT_I8MM), or None."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def native_bf16() -> bool:
