@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 
 from qwenkit.kernels import attention as attention_kernels
+from qwenkit.kernels.attention import block_size_shift
 from qwenkit.kernels.blocks import Parts
 from qwenkit.kernels.layer import LayerArgs, StepArgs, layer_front
 from qwenkit.model.qwen import MLP, DecoderLayer
@@ -117,7 +118,8 @@ class FusedLayers:
             post_norm=post_norm, q_norm=q_norm, k_norm=k_norm, eps=layer.input_layernorm.eps,
             qk_eps=attn.q_norm.eps if attn.q_norm is not None else 0.0, scale=attn.head_dim**-0.5,
             window=attn.window or 0, k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
-            half=int(k_pool.dtype == torch.float16), n_slots=k_pool.shape[1])
+            half=int(k_pool.dtype == torch.float16), n_blocks=k_pool.shape[0],
+            block_shift=block_size_shift(k_pool.shape[2]))
         submodules = tuple(m for m in layer.modules() if m is not layer)
         plan = self._plans[id(layer)] = _Plan(sources, args, submodules, (*f32, k_pool, v_pool))
         return plan

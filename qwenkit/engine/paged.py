@@ -1,6 +1,6 @@
 """A paged KV cache: one pool of fixed-size blocks that every running sequence draws from, with prefix caching.
 
-Keys and values of layer l live in `k[l]`, `v[l]` of shape [kv_heads, num_blocks * block_size, head_dim], by
+Keys and values of layer l live in `k[l]`, `v[l]` of shape [num_blocks, kv_heads, block_size, head_dim], by
 default float16 for a float32 model, as llama.cpp keeps them (half the bytes to read per token; see
 qwenkit.quant.plan.default_kv_dtype). A sequence
 owns a list of blocks and its token i sits in slot `blocks[i // block_size] * block_size + i % block_size`. Memory
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from qwenkit.engine.fused import FusedLayers, step_args
 from qwenkit.kernels import attention as attention_kernels
-from qwenkit.kernels.attention import Slots
+from qwenkit.kernels.attention import Slots, block_size_shift
 from qwenkit.kernels.library import available
 from qwenkit.model.attention import Attention, causal_mask
 from qwenkit.model.config import ModelConfig
@@ -38,8 +38,10 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 class BlockPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
-        # Head-major: one head's keys of a block lie together, as a sequence's attention reads them.
-        shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
+        block_size_shift(block_size)  # a power of two: the kernels find a slot's block with a shift
+        # Block-major: a block holds every head's keys of its tokens (each head's together), and a sequence's
+        # blocks, handed out in order, make one run of memory that a decode step reads front to back.
+        shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
         # Left uninitialised: a slot is read only after its sequence wrote it, and untouched pages cost no memory,
         # so the pool's resident size follows the tokens actually held.
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -178,15 +180,17 @@ class PagedBatch:
                 q[0], k[0], v[0], layer.n_heads, layer.n_kv, *norms, cos[0, 0], sin[0, 0], pool_k, pool_v,
                 self.slots, layer.window)[None]
         q, k, v = layer.heads(q, k, v, cos, sin)  # [1, H, N, D], [1, KV, N, D]
-        pool_k[:, self.slots.write] = k[0].to(pool_k.dtype)
-        pool_v[:, self.slots.write] = v[0].to(pool_v.dtype)
+        bs = self.pool.block_size
+        write = self.slots.write
+        pool_k[write // bs, :, write % bs] = k[0].transpose(0, 1).to(pool_k.dtype)  # [N, KV, D]
+        pool_v[write // bs, :, write % bs] = v[0].transpose(0, 1).to(pool_v.dtype)
         outs, first = [], 0
         for rows, slots in self.segments:
             length = slots.numel()
             if layer.window is not None and length > layer.window + rows - 1:  # only keys some new row can see
                 slots = slots[-(layer.window + rows - 1):]
-            ks = pool_k[:, slots][None].to(q.dtype)  # [1, KV, L, D]
-            vs = pool_v[:, slots][None].to(q.dtype)
+            ks = pool_k[slots // bs, :, slots % bs].transpose(0, 1)[None].to(q.dtype)  # [1, KV, L, D]
+            vs = pool_v[slots // bs, :, slots % bs].transpose(0, 1)[None].to(q.dtype)
             qs = q[:, :, first:first + rows]
             if rows == 1:
                 outs.append(_one_row(qs, ks, vs))

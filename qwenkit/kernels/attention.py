@@ -22,6 +22,13 @@ class Slots:
             raise ValueError("paged attention: a row's context runs past the slot list")
 
 
+def block_size_shift(block_size: int) -> int:
+    """log2 of a pool's block size: the kernels find a slot's block with a shift, so the size is a power of two."""
+    if block_size < 1 or block_size & (block_size - 1) or block_size > 1 << 16:
+        raise ValueError(f"KV block size {block_size}: a power of two up to 65536")
+    return block_size.bit_length() - 1
+
+
 def takes(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether paged_attention runs for these dtypes: float32 activations over a float32 or float16 pool."""
     return q.dtype == torch.float32 and pool.dtype in POOL_DTYPES
@@ -33,8 +40,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
                     window: int | None) -> torch.Tensor:
     """The attention of N new tokens from their raw projections: q [N, H * D], k and v [N, KV * D] float32 (row
     strides free, e.g. views of one fused projection); Qwen3's q/k norms where their weights are given; RoPE with
-    cos, sin [N, D]; keys and values stored in the pools [KV, slots, D]; each row attending over its own context
-    (Slots). -> [N, H * D] float32."""
+    cos, sin [N, D]; keys and values stored in the pools [blocks, KV, block_size, D] (slot s: block
+    s // block_size, position s % block_size); each row attending over its own context (Slots). -> [N, H * D]
+    float32."""
     # A decode step makes one call per layer: the checks are kept to plain comparisons (each costs a fraction of
     # a microsecond, where the kernel's work for a short context is a few microseconds).
     n, d = q.shape[0], k_pool.shape[-1]
@@ -43,8 +51,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
             and q.stride(1) == k.stride(1) == v.stride(1) == 1):
         raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
     if k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or k_pool.shape != v_pool.shape \
-            or k_pool.shape[0] != kv_heads or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("paged attention: pools must be contiguous float16/float32 [kv_heads, slots, head_dim]")
+            or k_pool.dim() != 4 or k_pool.shape[1] != kv_heads or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("paged attention: pools must be contiguous float16/float32 [blocks, kv_heads, block_size, "
+                         "head_dim]")
+    block_shift = block_size_shift(k_pool.shape[2])
     if not slots.write.numel() == slots.starts.numel() == slots.lengths.numel() == n:
         raise ValueError("paged attention: one write slot, context start and length per row")
     if cos.dtype != f32 or not cos.is_contiguous() or cos.numel() != n * d:
@@ -57,7 +67,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     rc = library().qk_paged_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, heads, kv_heads, d,
         *(w.data_ptr() if w is not None else None for w in weights), eps, cos.data_ptr(), sin.data_ptr(),
-        k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.float16, k_pool.shape[1],
+        k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.float16, k_pool.shape[0], block_shift,
         slots.write.data_ptr(), slots.context.data_ptr(), slots.starts.data_ptr(), slots.lengths.data_ptr(),
         window or 0, d**-0.5, out.data_ptr(), torch.get_num_threads())
     check(rc, "paged attention")

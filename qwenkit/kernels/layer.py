@@ -20,7 +20,7 @@ class LayerArgs(ctypes.Structure):
                 ("n_qkv", _i64), ("n_o", _i64), ("n_gate_up", _i64), ("qkv_bias", _p), ("o_bias", _p),
                 ("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p),
                 ("eps", _f32), ("qk_eps", _f32), ("scale", _f32), ("window", _i64),
-                ("k_pool", _p), ("v_pool", _p), ("half", _i64), ("n_slots", _i64)]
+                ("k_pool", _p), ("v_pool", _p), ("half", _i64), ("n_blocks", _i64), ("block_shift", _i64)]
 
 
 class StepArgs(ctypes.Structure):

@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL | None:
     lib.qk_repack.argtypes = lib.qk_unpack.argtypes = [p, i32, i64, i64, p]
     lib.qk_repack.restype = lib.qk_unpack.restype = i32
     f32 = ctypes.c_float
-    lib.qk_paged_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64,
+    lib.qk_paged_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64, i64,
                                        p, p, p, p, i64, f32, p, i32]
     lib.qk_matmul.restype = lib.qk_dequantize.restype = lib.qk_paged_attention.restype = i32
     lib.qk_rms_norm.argtypes = [p, i64, i64, p, f32, p]

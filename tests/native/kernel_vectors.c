@@ -103,7 +103,7 @@ static int attention_cases(void) {
     char name[64];
     for (int c = 0; c < 6; c++) {
         const int64_t H = shapes[c][0], KV = shapes[c][1], D = shapes[c][2], N = shapes[c][3], L = shapes[c][4];
-        const int64_t window = shapes[c][5], half = shapes[c][6], norms = shapes[c][7], slots = 64;
+        const int64_t window = shapes[c][5], half = shapes[c][6], norms = shapes[c][7], slots = 64; /* blocks of 4 */
         const int64_t esize = half ? 2 : 4;
         float *q = malloc(sizeof(float) * (size_t)(N * H * D)), *k = malloc(sizeof(float) * (size_t)(N * KV * D));
         float *v = malloc(sizeof(float) * (size_t)(N * KV * D)), *cs = malloc(sizeof(float) * (size_t)(N * D));
@@ -133,7 +133,7 @@ static int attention_cases(void) {
         }
         for (int64_t n = 0; n < N; n++) write[n] = ctx[L - N + n], starts[n] = 0, lens[n] = L - N + n + 1;
         if (qk_paged_attention(q, H * D, k, KV * D, v, KV * D, N, H, KV, D, norms ? qn : NULL, norms ? kn : NULL,
-                               1e-6f, cs, sn, kp, vp, (int)half, slots, write, ctx, starts, lens, window,
+                               1e-6f, cs, sn, kp, vp, (int)half, slots / 4, 2, write, ctx, starts, lens, window,
                                1.0f / sqrtf((float)D), out, 1))
             return -1;
         snprintf(name, sizeof name, "h%lld-kv%lld-d%lld-n%lld-l%lld-w%lld-%s%s", (long long)H, (long long)KV,

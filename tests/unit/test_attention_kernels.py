@@ -37,6 +37,14 @@ def scattered_batch(lengths: list[int], rows: list[int], n_slots: int, seed: int
     return slots, segments, positions
 
 
+BLOCK = 4  # the pools' block size: slot s is position s % BLOCK of block s // BLOCK
+
+
+def at(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The pool's [KV, len(slots), D] view of these slots (a copy)."""
+    return pool[slots // BLOCK, :, slots % BLOCK].transpose(0, 1)
+
+
 def reference(q, k, v, h, kv, d, wq, wk, eps, cos, sin, pool_k, pool_v, segments, window, keys=None):
     """The model's torch ops: norm and rotate, store in the pools (copies), then float64 attention per segment
     (over `keys` instead of the stored ones when given)."""
@@ -47,10 +55,11 @@ def reference(q, k, v, h, kv, d, wq, wk, eps, cos, sin, pool_k, pool_v, segments
     q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
     pool_k, pool_v = pool_k.clone(), pool_v.clone()
     write = torch.cat([s[-r:] for r, s in segments])
-    pool_k[:, write], pool_v[:, write] = k.transpose(0, 1).to(pool_k.dtype), v.transpose(0, 1).to(pool_v.dtype)
+    pool_k[write // BLOCK, :, write % BLOCK] = k.to(pool_k.dtype)
+    pool_v[write // BLOCK, :, write % BLOCK] = v.to(pool_v.dtype)
     outs, first, attend_k = [], 0, pool_k if keys is None else keys
     for r, s in segments:
-        keys, values = attend_k[:, s][None].double(), pool_v[:, s][None].double()
+        keys, values = at(attend_k, s)[None].double(), at(pool_v, s)[None].double()
         pos = torch.arange(len(s))
         mask = causal_mask(pos[-r:, None], pos[None, :], window)
         qs = q[first : first + r].transpose(0, 1)[None].double()
@@ -75,7 +84,8 @@ def test_paged_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm, window
     wq, wk = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if qk_norm else (None, None)
     angles = positions[:, None] * torch.rand(d // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    pool_k, pool_v = torch.randn(kv, n_slots, d).to(dtype), torch.randn(kv, n_slots, d).to(dtype)
+    pool_k = torch.randn(n_slots // BLOCK, kv, BLOCK, d).to(dtype)
+    pool_v = torch.randn(n_slots // BLOCK, kv, BLOCK, d).to(dtype)
 
     before = pool_k.clone()
     got = paged_attention(q, k, v, h, kv, wq, wk, eps, cos, sin, pool_k, pool_v, slots, window)
@@ -98,7 +108,7 @@ def test_paged_attention_equals_the_torch_steps(dtype, h, kv, d, qk_norm, window
 def test_bad_input_is_refused():
     slots, _, _ = scattered_batch([5], [5], 8)
     q, k = torch.randn(5, 64), torch.randn(5, 64)
-    pool = torch.zeros(1, 8, 64)
+    pool = torch.zeros(8 // BLOCK, 1, BLOCK, 64)
     cos = sin = torch.zeros(5, 64)
     with pytest.raises(ValueError, match="float32"):
         paged_attention(q.double(), k, k, 1, 1, None, None, 0.0, cos, sin, pool, pool, slots, None)
@@ -109,6 +119,9 @@ def test_bad_input_is_refused():
         paged_attention(q, k, k, 1, 1, None, None, 0.0, cos, sin, pool, pool, bad, None)
     with pytest.raises(ValueError, match="runs past the slot list"):
         Slots(slots.write, slots.context[:3], slots.starts, slots.lengths)
+    with pytest.raises(ValueError, match="power of two"):
+        odd = torch.zeros(2, 1, 3, 64)
+        paged_attention(q, k, k, 1, 1, None, None, 0.0, cos, sin, odd, odd, slots, None)
 
 
 def test_float16_rounding_equals_torch():
@@ -117,7 +130,7 @@ def test_float16_rounding_equals_torch():
                             2.9802322e-08, 5.96e-8, 1e-5, -1e-7, 1.00048828125, 1.000732421875, 2049.0, 2051.0])
     values = torch.cat([special, torch.randn(3998) * 10, torch.randn(4000) * 1e-5]).reshape(-1, 8)  # [n, D=8]
     n = values.shape[0]
-    pool_k, pool_v = torch.zeros(1, n, 8, dtype=torch.float16), torch.zeros(1, n, 8, dtype=torch.float16)
+    pool_k, pool_v = torch.zeros(n, 1, 1, 8, dtype=torch.float16), torch.zeros(n, 1, 1, 8, dtype=torch.float16)
     each = torch.arange(n)
     slots = Slots(each, each, each, torch.ones(n, dtype=torch.long))  # every row a one-token sequence
     zeros, ones = torch.zeros(n, 8), torch.ones(n, 8)
@@ -126,7 +139,7 @@ def test_float16_rounding_equals_torch():
     nan = torch.full((1, 8), float("nan"))
     paged_attention(nan, nan, nan, 1, 1, None, None, 0.0, ones[:1], zeros[:1], pool_k, pool_v,
                     Slots(each[:1], each[:1], each[:1], torch.ones(1, dtype=torch.long)), None)
-    assert pool_v[:, :1].isnan().all()
+    assert pool_v[0].isnan().all()
 
 
 @pytest.mark.parametrize("dim", [896, 1024, 40])

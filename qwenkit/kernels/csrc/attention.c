@@ -46,19 +46,22 @@ INLINE float element(const void *p, int64_t i, int half) {
 }
 
 /* One query row's G heads against its n keys: q and out heads `hs` floats apart; key (and value) t sits in pool
- * slot slot[t], slots `st` elements apart; s a G * n scratch. Every sum runs in an order fixed by n alone. */
+ * slot slot[t]: block slot >> shift, position slot & mask within it (k and v point at this task's head of block 0,
+ * blocks `bstride` elements apart, a block's positions D apart); s a G * n scratch. Every sum runs in an order fixed
+ * by n alone. */
 typedef struct {
     const float *q;
     float *out;
     const char *k, *v;
     const int64_t *slot;
     float *s;
-    int64_t hs, st, G, D, n;
+    int64_t hs, bstride, shift, mask, G, D, n;
     float scale;
 } RowTask;
 
 /* Byte offset of key (or value) t in the pool, relative to the task's head. */
-#define AT(a, t, esize) ((a)->slot[t] * (a)->st * (esize))
+#define AT(a, t, esize) \
+    ((((a)->slot[t] >> (a)->shift) * (a)->bstride + ((a)->slot[t] & (a)->mask) * (a)->D) * (esize))
 
 INLINE void softmax_rows(const RowTask *a) {
     for (int64_t g = 0; g < a->G; g++) { /* normalised in place */
@@ -328,8 +331,10 @@ INLINE void store_row(void *dst, const float *x, int64_t D, int half) {
  * Row n's q heads are at q + n * qs (H heads of D floats), its k and v heads at k + n * ks and v + n * vs (KV heads
  * each): views of one fused q/k/v projection or three separate ones. For every row: Qwen3's q/k RMSNorm where the
  * norm weights are given, rotate-half RoPE with cos, sin [N, D], then its key and value are stored (float16 or
- * float32) in pool slot write_slot[n]; the pools are [KV, slots, D] contiguous (a head's keys of one block lie
- * together, as a sequence reads them). Once every row is stored, row n
+ * float32) in pool slot write_slot[n]. The pools are [n_blocks, KV, 1 << block_shift, D] contiguous, slot s in
+ * block s >> block_shift: one block holds every head's keys of its tokens, and a sequence's blocks, handed out in
+ * order, make one run of memory (a pool laid out [KV, slots, D] spreads each step's reads over KV far-apart
+ * places, which cost a third more time once the cache is cold). Once every row is stored, row n
  * attends over keys ctx[row_ctx[n] + t] for t < row_len[n] (its sequence's slots in position order, itself last),
  * only the last `window` of them when window > 0: out [N, H * D] float32.
  *
@@ -338,12 +343,16 @@ INLINE void store_row(void *dst, const float *x, int64_t D, int half) {
 int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, const float *v, int64_t vs,
                        int64_t N, int64_t H, int64_t KV, int64_t D, const float *q_norm, const float *k_norm,
                        float eps, const float *cos, const float *sin, void *k_pool, void *v_pool, int half,
-                       int64_t n_slots, const int64_t *write_slot, const int64_t *ctx, const int64_t *row_ctx,
-                       const int64_t *row_len, int64_t window, float scale, float *out, int n_threads) {
-    if (N <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || window < 0) return 2;
+                       int64_t n_blocks, int64_t block_shift, const int64_t *write_slot, const int64_t *ctx,
+                       const int64_t *row_ctx, const int64_t *row_len, int64_t window, float scale, float *out,
+                       int n_threads) {
+    if (N <= 0 || KV <= 0 || H % KV || D <= 0 || D > 512 || D % 2 || window < 0 || n_blocks < 0 ||
+        block_shift < 0 || block_shift > 16)
+        return 2;
+    const int64_t n_slots = n_blocks << block_shift, bs = (int64_t)1 << block_shift;
     for (int64_t n = 0; n < N; n++)
         if (write_slot[n] < 0 || write_slot[n] >= n_slots || row_len[n] <= 0) return 4;
-    const int64_t G = H / KV, esize = half ? 2 : 4, head_stride = n_slots * D;
+    const int64_t G = H / KV, esize = half ? 2 : 4, bstride = KV * bs * D; /* elements from block to block */
     float *qr = malloc(sizeof(float) * (size_t)(N * H * D)); /* normed, rotated queries [N, H, D] */
     if (!qr) return 3;
     int64_t work = 0; /* multiply-adds of the scores and the weighted values */
@@ -361,7 +370,8 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
             if (head < H) {
                 norm_rope(q + n * qs + head * D, q_norm, eps, c, s, D, qr + (n * H + head) * D);
             } else {
-                const int64_t j = head - H, at = (j * n_slots + write_slot[n]) * D * esize;
+                const int64_t j = head - H, slot = write_slot[n];
+                const int64_t at = ((slot >> block_shift) * bstride + (j * bs + (slot & (bs - 1))) * D) * esize;
                 float key[512];
                 norm_rope(k + n * ks + j * D, k_norm, eps, c, s, D, key);
                 store_row((char *)k_pool + at, key, D, half);
@@ -372,9 +382,9 @@ int qk_paged_attention(const float *q, int64_t qs, const float *k, int64_t ks, c
         for (int64_t task = 0; task < N * KV; task++) {
             const int64_t n = task / KV, kvh = task % KV, hi = row_len[n];
             const int64_t lo = window > 0 && hi > window ? hi - window : 0, at = (n * H + kvh * G) * D;
-            RowTask a = {qr + at, out + at, (const char *)k_pool + kvh * head_stride * esize,
-                         (const char *)v_pool + kvh * head_stride * esize, ctx + row_ctx[n] + lo, NULL, D, D, G, D,
-                         hi - lo, scale};
+            RowTask a = {qr + at, out + at, (const char *)k_pool + kvh * bs * D * esize,
+                         (const char *)v_pool + kvh * bs * D * esize, ctx + row_ctx[n] + lo, NULL, D, bstride,
+                         block_shift, bs - 1, G, D, hi - lo, scale};
             int bad = 0;
             for (int64_t t = 0; t < a.n; t++) bad |= a.slot[t] < 0 || a.slot[t] >= n_slots;
             a.s = bad ? NULL : malloc(sizeof(float) * (size_t)(G * a.n));

@@ -26,8 +26,8 @@ typedef struct {
     const float *input_norm, *post_norm, *q_norm, *k_norm; /* q_norm, k_norm: Qwen3's, or NULL */
     float eps, qk_eps, scale; /* scale: the attention's, head_dim^-0.5 as the modules round it */
     int64_t window; /* sliding window, 0: none */
-    void *k_pool, *v_pool;
-    int64_t half, n_slots;
+    void *k_pool, *v_pool; /* [n_blocks, kv_heads, 1 << block_shift, head_dim] */
+    int64_t half, n_blocks, block_shift;
 } qk_layer;
 
 /* What changes every step: the rows and where they read and write in the pools (qk_paged_attention's). */
@@ -55,7 +55,7 @@ int qk_layer_front(const qk_layer *L, const qk_step *s, float *x, float *gate_up
     if (!rc)
         rc = qk_paged_attention(qkv, qkv_dim, qkv + q_dim, qkv_dim, qkv + q_dim + kv_dim, qkv_dim, n, L->heads,
                                 L->kv_heads, d, L->q_norm, L->k_norm, L->qk_eps, s->cos, s->sin, L->k_pool,
-                                L->v_pool, (int)L->half, L->n_slots, s->write_slot, s->ctx, s->row_ctx, s->row_len,
+                                L->v_pool, (int)L->half, L->n_blocks, L->block_shift, s->write_slot, s->ctx, s->row_ctx, s->row_len,
                                 L->window, L->scale, att, n_threads);
     if (!rc) rc = qk_matmul(L->o, (int)L->n_o, att, n, q_dim, o, n_threads);
     if (!rc) {
