@@ -152,6 +152,8 @@ class KernelPlan:
             f"kv cache: {str(kv_dtype or default_kv_dtype(model_dtype)).removeprefix('torch.')}",
             f"attention: {'paged, ' + self._c() if self.variant else 'PyTorch (gathered keys, SDPA)'}",
             f"rms norm: {self._c() if self.variant else 'PyTorch'}",
+            "decode layers: " + ("dense layers on GGUF blocks fused, input norm to gate/up in one call "
+                                 f"({self._c()})" if self.variant else "module by module"),
             f"prompt chunks: {self._matrix()} matrix products{' (native bf16)' if self.bf16 else ''}",
         ]
         if tensors and any(name.startswith(("visual.", "model.visual.", "v.")) for name in tensors):
