@@ -576,8 +576,10 @@ def test_info_kernels_prints_the_plan(env, tiny, forced):
     q_proj = tensors["blk.*.attn_q.weight"]
     if variant:
         assert f"Q8_0 blocks x int8 (C {variant})" in q_proj and header["attention"] == f"paged, C {variant}"
+        assert header["decode layers"].startswith("dense layers on GGUF blocks fused")
     else:
         assert "int8 groups, compiled" in q_proj and "PyTorch" in header["attention"]  # exact: the file's groups
+        assert header["decode layers"] == "module by module"
     assert "vector" in tensors["blk.*.attn_norm.weight"]
 
 
