@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Mandarin-to-English tuning data from the HSK sentences (CC-BY-SA 4.0), without the 180 evaluation clips' text.
+"""Mandarin-to-English tuning data from the HSK sentences (CC-BY-SA 4.0), without the 180 evaluation clips' text
+and without the 300 held-out benchmark sentences (benchmarks/data/hsk_heldout.json).
 
     python scripts/hsk_tune_data.py [--eval-clips ../shared/data/hsk-audio/sentences.jsonl] [--held-out 200]
 
@@ -28,6 +29,7 @@ PART = MirrorPart("hsk-sentences-audio", "1.0.0",
                   "9bf16cc7b48a24a10af83d377439d3c6f7571a380937f4645a1cd1590d5d0335",
                   "hsk_sentences_audio/data/sentences.json")
 SIZE, SHA256 = 6434365, "8f8ffd34eee29f395724ce060cad22511eeeabb7af731d5b5879dc0548e01660"
+HELDOUT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "hsk_heldout.json"
 SYSTEM = system_prompt("zh", "en")  # the prompt `qwenkit translate` sends, so a tuned adapter sees what it learned
 
 
@@ -47,7 +49,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     clips = [json.loads(line) for line in args.eval_clips.read_text(encoding="utf-8").splitlines() if line.strip()]
-    banned_ids, banned_zh = {c["id"] for c in clips}, {c["zh"] for c in clips}
+    heldout = json.loads(HELDOUT.read_text(encoding="utf-8"))["ids"]  # benchmarks/hsk_sets.py: never tuned on
+    banned_ids, banned_zh = {c["id"] for c in clips} | set(heldout), {c["zh"] for c in clips}
     rows = [s for s in sentences() if s["id"] not in banned_ids and s["chinese"] not in banned_zh
             and s.get("translation", {}).get("en")]
     random.Random(args.seed).shuffle(rows)
@@ -61,8 +64,8 @@ def main() -> int:
                                                  {"role": "assistant", "content": s["translation"]["en"]}]},
                                    ensure_ascii=False) + "\n")
         print(out / name)
-    print(f"{len(rows) - args.held_out} train, {args.held_out} held out; {len(clips)} evaluation clips excluded",
-          file=sys.stderr)
+    print(f"{len(rows) - args.held_out} train, {args.held_out} held out; {len(clips)} evaluation clips and "
+          f"{len(heldout)} held-out benchmark sentences excluded", file=sys.stderr)
     return 0
 
 
