@@ -247,6 +247,22 @@ def test_text_mode_both_ways_with_a_glossary(default_gguf, tmp_path):
     assert re.search(r"[\u4e00-\u9fff]", answer) and "英" in answer
 
 
+QUESTIONS = Path(__file__).resolve().parents[1] / "fixtures" / "translate" / "questions.jsonl"
+
+
+def test_questions_are_translated_as_questions(default_gguf):
+    """43 Mandarin questions of all six HSK levels, written for this test (no HSK benchmark sentence, nothing the
+    translator was tuned on): every English line is a question, not an answer to it."""
+    rows = [json.loads(line) for line in QUESTIONS.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 40 and {r["level"] for r in rows} == set(range(1, 7))
+    proc = translate("--text", model=default_gguf, stdin="\n".join(r["zh"] for r in rows).encode() + b"\n")
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = proc.stdout.decode().splitlines()
+    assert len(out) == len(rows)
+    answered = [(r["zh"], line) for r, line in zip(rows, out) if not line.rstrip().endswith("?")]
+    assert not answered, answered
+
+
 @pytest.mark.skipif(Path("/dev/snd").exists(), reason="this machine has sound devices: --mic would record")
 def test_no_microphone_is_one_clear_line():
     proc = run_quick("--mic")

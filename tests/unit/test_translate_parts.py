@@ -21,7 +21,15 @@ from qwenkit.apps.translate.audio import AudioError, file_chunks, paced, pcm_chu
 from qwenkit.apps.translate.captioner import Caption, Captioner
 from qwenkit.apps.translate.outputs import JsonlWriter, SrtWriter, TerminalView, srt_time
 from qwenkit.apps.translate.scoring import assign, char_error_rate, normalize_zh
-from qwenkit.apps.translate.translator import Term, Translator, clean, read_glossary
+from qwenkit.apps.translate.translator import (
+    EXAMPLES,
+    QUESTION_HINT,
+    Term,
+    Translator,
+    clean,
+    question_opener,
+    read_glossary,
+)
 from qwenkit.apps.translate.vad import FRAME, SileroStream, SpeechDetector, VadOptions
 from qwenkit.errors import BadData
 
@@ -343,8 +351,12 @@ def test_translator_requests():
     t = Translator(chat, "zh", "en", glossary=[Term("王小明", "Wang Xiaoming")])
     assert t.translate("我妈妈是老师。") == "My mom is a teacher."
     messages, params = chat.requests[0]
-    assert messages == [{"role": "system", "content": "Translate the user's Mandarin Chinese into natural English. "
-                         "Reply with the translation only."}, {"role": "user", "content": "我妈妈是老师。"}]
+    # the system prompt, the pair's worked examples (a question among them), then the text framed the same way
+    assert messages[0] == {"role": "system", "content": "Translate the user's Mandarin Chinese into natural English. "
+                           "Reply with the translation only."}
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * len(EXAMPLES[("zh", "en")]) + ["user"]
+    assert messages[-1] == {"role": "user", "content": "Translate into English:\n我妈妈是老师。"}
+    assert any(m["content"].endswith("?") for m in messages if m["role"] == "assistant")
     assert params["temperature"] == 0.0 and params["stop"] == ["\n\n"] and "continue_final_message" not in params
     assert t.translate("王小明是工人。", prefix="Wang Xiaoming is") == "Wang Xiaoming is a worker."
     messages, params = chat.requests[1]
@@ -357,6 +369,23 @@ def test_translator_requests():
     assert "natural Traditional Chinese" in Translator(chat, "en", "yue").system
     with pytest.raises(BadData, match="unknown language code 'xx'"):
         Translator(chat, "xx", "en")
+
+
+def test_a_question_answered_instead_of_translated_is_asked_again_begun_as_a_question():
+    chat = RecordingChat("Your face is red.", " is your face so red?", "Yes, I have been there.", "Have you been?")
+    t = Translator(chat, "zh", "en")
+    assert t.translate("你的脸怎么这么红？") == "Why is your face so red?" and t.retries == 1
+    messages, params = chat.requests[1]
+    assert messages[-1] == {"role": "assistant", "content": "Why"} and params["continue_final_message"] is True
+    assert QUESTION_HINT in messages[0]["content"]
+    # a yes/no question: asked again without an opening; kept only when the second answer is a question
+    assert t.translate("你去过吗？") == "Have you been?" and chat.requests[3][0][-1]["role"] == "user"
+
+
+def test_question_openers():
+    assert question_opener("他是什么样的人？") == "What kind of"
+    assert question_opener("你为什么这么高兴？") == "Why" and question_opener("这个字怎么写？") == "How"
+    assert question_opener("他究竟去哪儿了？") == "Where" and question_opener("你喝茶吗？") == ""
 
 
 def test_a_copied_chinese_term_is_asked_again_with_its_tokens_banned():
@@ -450,3 +479,21 @@ def test_captions_say_when_the_on_device_model_translates(caplog):
         assert t.translate("你好。") == "Hello." and t.translate("你好。") == "Hello."
     said = [r.getMessage() for r in caplog.records if r.name == "qwenkit.translate"]
     assert said == ["the hosted model did not answer: the on-device model is answering (slower)"]
+
+
+def test_the_held_out_hsk_set_is_apart_from_the_clips_and_the_tuning_data():
+    """benchmarks/data/hsk_heldout.json: 50 ids per HSK level, none of them one of the 180 clips, and
+    scripts/hsk_tune_data.py reads the same file to leave them out of the tuning data."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ids = json.loads((root / "benchmarks" / "data" / "hsk_heldout.json").read_text(encoding="utf-8"))["ids"]
+    clips_file = root.parent / "shared" / "data" / "hsk-audio" / "sentences.jsonl"
+    if clips_file.exists():
+        clip_ids = {json.loads(line)["id"] for line in clips_file.read_text(encoding="utf-8").splitlines() if line}
+        assert not clip_ids & set(ids)
+    assert len(set(ids)) == len(ids) == 300
+    assert sorted({i.split("-")[0] for i in ids}) == [f"hsk{level}" for level in range(1, 7)]
+    assert all(sum(i.startswith(f"hsk{level}-") for i in ids) == 50 for level in range(1, 7))
+    assert "hsk_heldout.json" in (root / "scripts" / "hsk_tune_data.py").read_text(encoding="utf-8")

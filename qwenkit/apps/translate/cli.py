@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     chat = open_from_args(args, DEFAULT_MODEL, lora={ADAPTER: args.adapter} if args.adapter else None)
     try:
         translator = Translator(chat, args.source, args.target, glossary=glossary,
-                                model=ADAPTER if args.adapter else None, vocabulary=local_tokenizer(chat))
+                                model=ADAPTER if args.adapter else None, vocabulary=local_tokenizer(chat),
+                                examples=not args.adapter)
         if args.text:
             return _translate_lines(translator, lines, interactive=args.input in (None, "-") and sys.stdin.isatty())
         return _caption(args, asr, translator, chunks, live)
