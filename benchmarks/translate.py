@@ -5,6 +5,7 @@
     python benchmarks/translate.py --fast                # each utterance captioned once, as fast as it decodes
     python benchmarks/translate.py --limit 20 --gold     # a quick look, plus the gold Chinese text translated
     python benchmarks/translate.py --adapter hsk-zh-en   # translating with a LoRA adapter (README: tuned on HSK)
+    python benchmarks/translate.py --text-only           # gold Chinese only: the 180 clips beside the held-out set
 
 The clips (../shared/data/hsk-audio: sentences.jsonl and one MP3 each) are decoded to 16 kHz and joined into one
 stream with --gap seconds of silence after each, as a speaker pausing between sentences. The stream goes through
@@ -19,6 +20,9 @@ Reported:
 - real-time factor: compute seconds (Whisper + Qwen) per second of audio, and wall time over audio time;
 - latency: for each final caption, wall seconds from the arrival of the audio where its speech ended to the caption
   (the VAD's wait for silence included), median / p90 / max.
+--text-only translates the gold Chinese of the 180 clips and of the 300 held-out sentences (benchmarks/hsk_sets.py:
+chosen by a fixed rule, never tuned on; text only, the package has no audio for them) and reports both side by
+side: BLEU, chrF, how many questions came back as questions, guarded re-asks, seconds per sentence.
 Prints a table, writes JSON (benchmarks/results/translate-<date>.json).
 """
 
@@ -82,6 +86,8 @@ def main() -> int:
     ap.add_argument("--fast", action="store_true", help="no real-time pacing and no partial captions")
     ap.add_argument("--no-partials", action="store_true", help="live, but final captions only")
     ap.add_argument("--gold", action="store_true", help="also translate the gold Chinese text")
+    ap.add_argument("--text-only", action="store_true",
+                    help="no audio: the gold Chinese of the clips and of the held-out set, side by side")
     ap.add_argument("--model", default="qwen2.5-coder:0.5b")
     ap.add_argument("--adapter", type=Path, help="a LoRA adapter over the model (e.g. one tuned on HSK sentences)")
     ap.add_argument("--asr-model", default="whisper:base")
@@ -102,12 +108,15 @@ def main() -> int:
     from qwenkit.apps.translate.scoring import assign, char_error_rate, joined
     from qwenkit.apps.translate.translator import Translator
 
+    if args.text_only:
+        return text_only(args)
     rows = load_clips(args.clips, args.limit)
     samples, spans = build_stream(rows, args.gap)
     asr = WhisperASR(hub.pull(args.asr_model), threads=args.threads, beam_size=args.beam_size,
                      context_pad=args.context_pad)
     chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
-    translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat))
+    translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat),
+                            examples=not args.adapter)
     captioner = Captioner(asr, translator, partials=not (args.fast or args.no_partials))
     translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on, as in a running session
     share = busy_share(2.0)
@@ -171,6 +180,45 @@ def main() -> int:
     print(f"{result['finals']} final captions, {result['finals_ready_at_end']} ready when their utterance ended; "
           f"{result['asr_calls']} Whisper and {result['mt_calls']} Qwen calls; {result['fallbacks']} full-window "
           f"fallbacks; {result['clips_without_caption']} clips without a caption")
+    write_result(result, "translate", args.out)
+    return 0
+
+
+def text_only(args) -> int:
+    """The gold Chinese of both sets through the translator, nothing else (see the module doc)."""
+    import sacrebleu
+
+    from benchmarks.hsk_sets import clips, heldout
+    from qwenkit.apps.backend import local_tokenizer, open_chat
+    from qwenkit.apps.translate.translator import Translator
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from hsk_tune_data import sentences
+
+    chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
+    translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat),
+                            examples=not args.adapter)
+    translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on
+    sets = {"180 clips": clips(args.clips / "sentences.jsonl")[:args.limit],
+            "held-out": heldout(sentences())[:args.limit]}
+    result = {"mode": "text only", "model": args.model, "adapter": str(args.adapter) if args.adapter else None,
+              "threads": args.threads, "sets": {}}
+    for name, rows in sets.items():
+        retries, started = translator.retries, time.monotonic()
+        hyps = [translator.translate(r["zh"]) for r in rows]
+        seconds = time.monotonic() - started
+        refs = [r["en"] for r in rows]
+        questions = [h for r, h in zip(rows, hyps) if r["zh"].rstrip().endswith(("？", "?"))]
+        result["sets"][name] = {
+            "sentences": len(rows), "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2), "questions": len(questions),
+            "questions_kept": sum(h.rstrip().endswith("?") for h in questions),
+            "retries": translator.retries - retries, "seconds_per_sentence": round(seconds / len(rows), 3),
+            "translations": [{"id": r["id"], "zh": r["zh"], "en": r["en"], "out": h} for r, h in zip(rows, hyps)]}
+    chat.close()
+    print(f"\n{'gold Chinese translated':<26}" + "".join(f"{name:>14}" for name in sets))
+    for key in ("sentences", "bleu", "chrf", "questions", "questions_kept", "retries", "seconds_per_sentence"):
+        print(f"{key:<26}" + "".join(f"{result['sets'][name][key]:>14}" for name in sets))
     write_result(result, "translate", args.out)
     return 0
 
