@@ -189,20 +189,34 @@ class Translator:
         if not text:
             return ""
         out = self._ask(text, prefix, {})
-        if text.endswith(_QUESTION_MARKS) and not out.endswith(_QUESTION_MARKS) and self.target not in CJK_TARGETS:
-            # An answer instead of a translation: asked once more, told that the text is a question, and (from
-            # Mandarin, before any of the caption is fixed) with the translation begun as the question begins.
-            self.retries += 1
-            opener = question_opener(text) if self.source == "zh" and not prefix else ""
-            again = self._ask(text, prefix or opener, {}, hint=QUESTION_HINT)
-            out = again if again.endswith(_QUESTION_MARKS) else out
+        out = self._as_question(text, prefix, out)
+        out = self._with_terms(text, prefix, out)
+        return self._without_copied_terms(text, prefix, out)
+
+    def _as_question(self, text: str, prefix: str, out: str) -> str:
+        """A question that came back as an answer is asked once more, told that the text is a question and (from
+        Mandarin, before any of the caption is fixed) with the translation begun as the question begins."""
+        if not text.endswith(_QUESTION_MARKS) or out.endswith(_QUESTION_MARKS) or self.target in CJK_TARGETS:
+            return out
+        self.retries += 1
+        opener = question_opener(text) if self.source == "zh" and not prefix else ""
+        again = self._ask(text, prefix or opener, {}, hint=QUESTION_HINT)
+        return again if again.endswith(_QUESTION_MARKS) else out
+
+    def _with_terms(self, text: str, prefix: str, out: str) -> str:
+        """A glossary term left out: asked once more, begun with it where the text begins with it."""
         missing = self._missing_terms(text, out)
-        if missing:  # a glossary term left out: asked once more, begun with it where the text begins with it
-            self.retries += 1
-            first = missing[0]
-            start = first.target if not prefix and text.startswith(first.source) else prefix
-            again = self._ask(text, start, {}, hint=" Keep these terms exactly as given.")
-            out = again if len(self._missing_terms(text, again)) < len(missing) else out
+        if not missing:
+            return out
+        self.retries += 1
+        first = missing[0]
+        start = first.target if not prefix and text.startswith(first.source) else prefix
+        again = self._ask(text, start, {}, hint=" Keep these terms exactly as given.")
+        return again if len(self._missing_terms(text, again)) < len(missing) else out
+
+    def _without_copied_terms(self, text: str, prefix: str, out: str) -> str:
+        """Chinese characters copied into a non-CJK target: asked again from just before them, their tokens
+        banned (needs the vocabulary; at most MAX_RETRIES times)."""
         banned: dict[str, float] = {}
         for _ in range(MAX_RETRIES if self.vocabulary is not None else 0):
             leak = _CJK.search(out, len(prefix))
