@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 
 from qwenkit.kernels import attention as attention_kernels
-from qwenkit.kernels.attention import block_size_shift
+from qwenkit.kernels.attention import block_size_shift, float32_contiguous
 from qwenkit.kernels.blocks import Parts
 from qwenkit.kernels.layer import LayerArgs, StepArgs, layer_front
 from qwenkit.model.qwen import MLP, DecoderLayer
@@ -62,10 +62,6 @@ class _Plan:
     args: LayerArgs
     submodules: tuple[torch.nn.Module, ...]  # whose forward hooks would be skipped
     keep: tuple  # the float32 copies (where one was needed) and pools whose addresses args holds
-
-
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -107,7 +103,7 @@ class FusedLayers:
         k_pool, v_pool = self.pool.k[attn.layer], self.pool.v[attn.layer]
         if k_pool.dtype not in attention_kernels.POOL_DTYPES:
             return None
-        f32 = [_f32(t) for t in (sources.qkv_bias, sources.o_bias, sources.input_norm, sources.post_norm,
+        f32 = [float32_contiguous(t) for t in (sources.qkv_bias, sources.o_bias, sources.input_norm, sources.post_norm,
                                  sources.q_norm, sources.k_norm)]
         qkv_bias, o_bias, input_norm, post_norm, q_norm, k_norm = map(_ptr, f32)
         args = LayerArgs(
@@ -150,7 +146,7 @@ def step_args(slots: attention_kernels.Slots, cos: torch.Tensor, sin: torch.Tens
     """The step's rows for the C layers: rotary tables [N, head_dim] float32 and the pool slots. -> (the ctypes
     struct, the tensors it points into, to be kept alive with it)."""
     n = slots.write.numel()
-    cos, sin = cos.reshape(n, -1).float().contiguous(), sin.reshape(n, -1).float().contiguous()
+    cos, sin = float32_contiguous(cos.reshape(n, -1)), float32_contiguous(sin.reshape(n, -1))
     args = StepArgs(rows=n, cos=cos.data_ptr(), sin=sin.data_ptr(), write_slot=slots.write.data_ptr(),
                     ctx=slots.context.data_ptr(), row_ctx=slots.starts.data_ptr(), row_len=slots.lengths.data_ptr())
     return args, (cos, sin, slots)

@@ -29,6 +29,11 @@ def block_size_shift(block_size: int) -> int:
     return block_size.bit_length() - 1
 
 
+def float32_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as the kernels read it: float32, contiguous (t itself when it already is; None stays None)."""
+    return None if t is None else t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def takes(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether paged_attention runs for these dtypes: float32 activations over a float32 or float16 pool."""
     return q.dtype == torch.float32 and pool.dtype in POOL_DTYPES
@@ -47,22 +52,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     # a microsecond, where the kernel's work for a short context is a few microseconds).
     n, d = q.shape[0], k_pool.shape[-1]
     f32 = torch.float32
-    if not (q.dtype == k.dtype == v.dtype == f32 and q.shape == (n, heads * d) and k.shape == v.shape == (n, kv_heads * d)
-            and q.stride(1) == k.stride(1) == v.stride(1) == 1):
+    if not (q.dtype == k.dtype == v.dtype == f32 and q.shape == (n, heads * d)
+            and k.shape == v.shape == (n, kv_heads * d) and q.stride(1) == k.stride(1) == v.stride(1) == 1):
         raise ValueError("paged attention: q, k, v must be float32 [rows, heads * head_dim] with unit stride")
     if k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or k_pool.shape != v_pool.shape \
-            or k_pool.dim() != 4 or k_pool.shape[1] != kv_heads or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+            or k_pool.dim() != 4 or k_pool.shape[1] != kv_heads \
+            or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError("paged attention: pools must be contiguous float16/float32 [blocks, kv_heads, block_size, "
                          "head_dim]")
     block_shift = block_size_shift(k_pool.shape[2])
     if not slots.write.numel() == slots.starts.numel() == slots.lengths.numel() == n:
         raise ValueError("paged attention: one write slot, context start and length per row")
-    if cos.dtype != f32 or not cos.is_contiguous() or cos.numel() != n * d:
-        cos = cos.reshape(n, d).float().contiguous()
-    if sin.dtype != f32 or not sin.is_contiguous() or sin.numel() != n * d:
-        sin = sin.reshape(n, d).float().contiguous()
-    weights = [None if w is None else w if w.dtype == f32 and w.is_contiguous() else w.float().contiguous()
-               for w in (q_norm, k_norm)]
+    cos, sin = float32_contiguous(cos.reshape(n, d)), float32_contiguous(sin.reshape(n, d))
+    weights = [float32_contiguous(w) for w in (q_norm, k_norm)]
     out = torch.empty((n, heads * d), dtype=f32)
     rc = library().qk_paged_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, heads, kv_heads, d,
