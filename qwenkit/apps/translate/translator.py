@@ -108,12 +108,14 @@ def framed(text: str, target: str, terms: str = "") -> str:
     return f"Translate into {WRITTEN.get(target, language_name(target))}{terms}:\n{text}"
 
 
-def prompt_messages(source: str, target: str, text: str, system: str | None = None, terms: str = "") -> list[dict]:
-    """The chat a translation is asked with (also what scripts/hsk_tune_data.py trains an adapter on): the system
-    prompt, the pair's worked examples if it has any, then the text. `terms`: ", with A = B; C = D" for a pair
-    with examples (the glossary is in `system` otherwise)."""
+def prompt_messages(source: str, target: str, text: str, system: str | None = None, terms: str = "",
+                    examples: bool = True) -> list[dict]:
+    """The chat a translation is asked with: the system prompt, the pair's worked examples if it has any (and
+    `examples` is true: an adapter tuned on the plain prompt, as scripts/hsk_tune_data.py writes it, is asked
+    without), then the text. `terms`: ", with A = B; C = D" for a pair with examples (the glossary is in `system`
+    otherwise)."""
     messages = [{"role": "system", "content": system or system_prompt(source, target)}]
-    examples = EXAMPLES.get((source, target))
+    examples = EXAMPLES.get((source, target)) if examples else None
     if not examples:
         return messages + [{"role": "user", "content": text}]
     for example, translation in examples:
@@ -175,9 +177,7 @@ class Translator:
             pairs = "; ".join(f"{t.source} = {t.target}" for t in hits)
             system += f" Translate these terms exactly as given: {pairs}."
             terms = f", with {pairs}"
-        if not self.examples:
-            return [{"role": "system", "content": system}, {"role": "user", "content": text}]
-        return prompt_messages(self.source, self.target, text, system, terms)
+        return prompt_messages(self.source, self.target, text, system, terms, self.examples)
 
     def budget(self, text: str) -> int:
         """Enough tokens for a translation of `text`, not enough for a runaway answer."""
