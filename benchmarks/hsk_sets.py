@@ -40,6 +40,14 @@ def choose_heldout(sentences: list[dict], clip_rows: list[dict]) -> list[str]:
     return chosen
 
 
+def package_sentences() -> list[dict]:
+    """All 4,354 sentences of the package (downloaded once, sha256-pinned, by scripts/hsk_tune_data.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from hsk_tune_data import sentences  # the pinned download lives there
+
+    return sentences()
+
+
 def heldout_ids() -> list[str]:
     return json.loads(HELDOUT.read_text(encoding="utf-8"))["ids"]
 
@@ -53,10 +61,7 @@ def heldout(sentences: list[dict]) -> list[dict]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from hsk_tune_data import sentences  # noqa: PLC0415 - the pinned download lives there
-
-    ids = choose_heldout(sentences(), clips())
+    ids = choose_heldout(package_sentences(), clips())
     HELDOUT.parent.mkdir(exist_ok=True)
     HELDOUT.write_text(json.dumps({"source": "hsk-sentences-audio 1.0.0", "rule": __doc__.split("\n\n")[1].strip(),
                                    "ids": ids}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

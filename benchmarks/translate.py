@@ -188,19 +188,16 @@ def text_only(args) -> int:
     """The gold Chinese of both sets through the translator, nothing else (see the module doc)."""
     import sacrebleu
 
-    from benchmarks.hsk_sets import clips, heldout
+    from benchmarks.hsk_sets import clips, heldout, package_sentences
     from qwenkit.apps.backend import local_tokenizer, open_chat
     from qwenkit.apps.translate.translator import Translator
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from hsk_tune_data import sentences
 
     chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
     translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat),
                             examples=not args.adapter)
     translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on
     sets = {"180 clips": clips(args.clips / "sentences.jsonl")[:args.limit],
-            "held-out": heldout(sentences())[:args.limit]}
+            "held-out": heldout(package_sentences())[:args.limit]}
     result = {"mode": "text only", "model": args.model, "adapter": str(args.adapter) if args.adapter else None,
               "threads": args.threads, "sets": {}}
     for name, rows in sets.items():
