@@ -34,7 +34,8 @@ def test_cli_directions_question_calls_the_directions_tool_and_answers_from_it(d
     assert proc.returncode == 0, proc.stderr[-2000:]
     (turn,) = json.loads(trace_file.read_text())
     calls = [e for e in turn["trace"] if e["kind"] == "tool_call"]
-    assert calls and calls[0]["name"] == "get_directions"
+    assert [c["name"] for c in calls] == ["get_directions"]  # and no weather "just in case"
+    assert "[plan] get_directions" in proc.stderr  # the tools were chosen first, and the user sees the choice
     args = calls[0]["arguments"]
     assert "brandenburg" in args["origin"].lower() and "alexanderplatz" in args["destination"].lower()
     results = [e for e in turn["trace"] if e["kind"] == "tool_result"]
@@ -65,3 +66,24 @@ def test_agent_weather_at_the_end_of_a_route_makes_two_calls(default_gguf, fakes
     assert "salzburg" in calls["get_weather"]["location"].lower()
     assert all(not e.get("error") for e in result.trace if e["kind"] == "tool_result")
     assert result.answer and result.steps <= 6
+
+
+def test_agent_calls_only_the_tools_a_request_needs(default_gguf, fakes, monkeypatch):
+    """The choice of tools comes first: a place question calls the place search alone, a weather question the
+    weather alone (in Chinese, answered in Chinese), and a sum no tool at all."""
+    monkeypatch.setenv("QWENKIT_TODAY", TODAY)
+    services = {n: Service(n, u, timeout=5) for n, u in fakes.urls.items()}
+    chat = open_chat(str(default_gguf), threads=2)
+    try:
+        asked = {prompt: Agent(chat, builtin_tools(services, []), temperature=0).ask(prompt)
+                 for prompt in ("西湖在什么地方？", "杭州明天天气如何？", "What's 144 divided by 12?")}
+    finally:
+        chat.close()
+    place, weather, arithmetic = asked.values()
+    assert [c["name"] for c in place.calls] == ["search_places"] and "西湖" in place.calls[0]["arguments"]["query"]
+    assert [c["name"] for c in weather.calls] == ["get_weather"]
+    assert "杭州" in weather.calls[0]["arguments"]["location"]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in weather.answer)
+    assert not arithmetic.calls and "12" in arithmetic.answer
+    for result in asked.values():
+        assert result.stopped == "answered" and result.answer.strip()

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an MCP server: a command line (stdio) or an http(s) URL (streamable HTTP); repeatable")
     p.add_argument("--no-builtin-tools", action="store_true", help="only the MCP servers' tools")
     p.add_argument("--max-steps", type=int, default=6, help="model calls per question, at most (default 6)")
+    p.add_argument("--no-plan", action="store_true",
+                   help="let the model call tools freely, instead of first choosing the tools the question needs "
+                   "and then calling each under its schema")
     p.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a tool call may take (default 30)")
     p.add_argument("--yes", action="store_true", help="approve tools that act on the world without asking")
     p.add_argument("--trace", metavar="FILE", help="write every turn's trace (steps, calls, results) as JSON")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         chat = open_from_args(args, DEFAULT_MODEL)
         agent = Agent(chat, tools, system=args.system or DEFAULT_SYSTEM, max_steps=args.max_steps,
                       confirm=_confirmer(args.yes), tool_timeout=args.tool_timeout, drafts=drafts,
-                      temperature=args.temperature)
+                      plan=not args.no_plan, temperature=args.temperature)
         turns = []
         if prompt is not None:
             turns.append(_turn(agent, prompt, images))
@@ -101,6 +104,8 @@ def _turn(agent: Any, prompt: str, images: list[str] = ()) -> dict[str, Any]:
             at_line_start = event.text.endswith("\n")
         elif event.kind == "reasoning":
             sys.stderr.write(event.text)
+        elif event.kind == "plan":
+            print(f"[plan] {event.text or 'no tool needed'}", file=sys.stderr)
         elif event.kind == "tool_call":
             args = event.arguments if isinstance(event.arguments, str) else json.dumps(event.arguments,
                                                                                       ensure_ascii=False)

@@ -32,6 +32,7 @@ class Tool:
     run: Callable[[dict[str, Any]], Any]  # arguments -> result (str, or anything JSON-serializable)
     acts_on_world: bool = False  # sends, pays, deletes...: the user must confirm each call
     source: str = "builtin"  # "builtin" or the MCP server it came from, for the trace
+    use_when: str = ""  # what a request that needs this tool asks for: shown when the tools are chosen (plan.py)
     _validator: Any = field(default=None, init=False, repr=False)
 
     def spec(self) -> dict[str, Any]:

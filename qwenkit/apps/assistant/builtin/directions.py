@@ -63,6 +63,7 @@ def directions_tool(osrm: Service, geocoder: Geocoder) -> Tool:
 
     return Tool(
         name="get_directions",
+        use_when="the user asks how to get somewhere, which way to go, or how far or how long a trip is",
         description="Directions from a start place to an end place: distance, travel time and turn-by-turn steps.",
         parameters={
             "type": "object",

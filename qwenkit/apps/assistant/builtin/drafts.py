@@ -20,6 +20,7 @@ def draft_message_tool(drafts: list[dict[str, Any]]) -> Tool:
 
     return Tool(
         name="draft_message",
+        use_when="the user asks to tell, text, message or email someone",
         description="Draft a text message, chat message or email to someone, for the user to review and send. "
                     "Never sends.",
         parameters={

@@ -62,6 +62,7 @@ def search_places_tool(geocoder: Geocoder) -> Tool:
 
     return Tool(
         name="search_places",
+        use_when="the user asks where something is, or for a kind of place (shop, hotel, station) near somewhere",
         description="Find where a place is on the map (a landmark, shop, station or address): its full address and "
                     "coordinates. Optionally only near another place.",
         parameters={

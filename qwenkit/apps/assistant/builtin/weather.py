@@ -41,6 +41,7 @@ def weather_tool(meteo: Service, geocoder: Geocoder) -> Tool:
 
     return Tool(
         name="get_weather",
+        use_when="the user asks about weather, temperature, rain or snow",
         description="Current weather and the forecast for the next days at a place.",
         parameters={
             "type": "object",

@@ -26,6 +26,7 @@ def web_search_tool(searxng: Service) -> Tool:
 
     return Tool(
         name="web_search",
+        use_when="the user asks to look something up, search online, or for facts, prices, news or opening hours",
         description="Search the web for facts, news, opening hours or how-tos; returns titles, links and snippets.",
         parameters={"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
         run=run,
