@@ -22,7 +22,8 @@ Reported:
   (the VAD's wait for silence included), median / p90 / max.
 --text-only translates the gold Chinese of the 180 clips and of the 300 held-out sentences (benchmarks/hsk_sets.py:
 chosen by a fixed rule, never tuned on; text only, the package has no audio for them) and reports both side by
-side: BLEU, chrF, how many questions came back as questions, guarded re-asks, seconds per sentence.
+side: BLEU, chrF, how many questions came back as questions, how many sentences with numbers kept them all
+(qwenkit.apps.translate.numbers), guarded re-asks, seconds per sentence.
 Prints a table, writes JSON (benchmarks/results/translate-<date>.json).
 """
 
@@ -190,6 +191,7 @@ def text_only(args) -> int:
 
     from benchmarks.hsk_sets import clips, heldout, package_sentences
     from qwenkit.apps.backend import local_tokenizer, open_chat
+    from qwenkit.apps.translate.numbers import missing_numbers, numbers_in
     from qwenkit.apps.translate.translator import Translator
 
     chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
@@ -206,15 +208,18 @@ def text_only(args) -> int:
         seconds = time.monotonic() - started
         refs = [r["en"] for r in rows]
         questions = [h for r, h in zip(rows, hyps) if r["zh"].rstrip().endswith(("？", "?"))]
+        counted = [(r["zh"], h) for r, h in zip(rows, hyps) if numbers_in(r["zh"])]
         result["sets"][name] = {
             "sentences": len(rows), "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
             "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2), "questions": len(questions),
             "questions_kept": sum(h.rstrip().endswith("?") for h in questions),
+            "with_numbers": len(counted), "numbers_kept": sum(not missing_numbers(zh, h) for zh, h in counted),
             "retries": translator.retries - retries, "seconds_per_sentence": round(seconds / len(rows), 3),
             "translations": [{"id": r["id"], "zh": r["zh"], "en": r["en"], "out": h} for r, h in zip(rows, hyps)]}
     chat.close()
     print(f"\n{'gold Chinese translated':<26}" + "".join(f"{name:>14}" for name in sets))
-    for key in ("sentences", "bleu", "chrf", "questions", "questions_kept", "retries", "seconds_per_sentence"):
+    for key in ("sentences", "bleu", "chrf", "questions", "questions_kept", "with_numbers", "numbers_kept", "retries",
+                "seconds_per_sentence"):
         print(f"{key:<26}" + "".join(f"{result['sets'][name][key]:>14}" for name in sets))
     write_result(result, "translate", args.out)
     return 0

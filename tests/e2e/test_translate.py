@@ -263,6 +263,22 @@ def test_questions_are_translated_as_questions(default_gguf):
     assert not answered, answered
 
 
+NAMES_NUMBERS = QUESTIONS.with_name("names_numbers.jsonl")
+
+
+def test_names_and_numbers_are_carried_over(default_gguf):
+    """12 sentences written for this test, with people's names (王小明, 小王, 王先生, 刘洋...) and numbers (三点,
+    二十五, 两百, 七月十号, 星期五, 一千): each English line shows every one of them, in some form English writes it."""
+    rows = [json.loads(line) for line in NAMES_NUMBERS.read_text(encoding="utf-8").splitlines()]
+    proc = translate("--text", model=default_gguf, stdin="\n".join(r["zh"] for r in rows).encode() + b"\n")
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = proc.stdout.decode().splitlines()
+    assert len(out) == len(rows)
+    dropped = [(r["zh"], line, keep) for r, line in zip(rows, out) for keep in r["keep"]
+               if not any(form in line.lower().replace(",", "") for form in keep)]
+    assert not dropped, dropped
+
+
 @pytest.mark.skipif(Path("/dev/snd").exists(), reason="this machine has sound devices: --mic would record")
 def test_no_microphone_is_one_clear_line():
     proc = run_quick("--mic")

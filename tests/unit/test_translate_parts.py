@@ -19,6 +19,8 @@ from qwenkit.apps.translate.agreement import common_text, common_tokens, units
 from qwenkit.apps.translate.asr import Hypothesis, repeats_itself
 from qwenkit.apps.translate.audio import AudioError, file_chunks, paced, pcm_chunks
 from qwenkit.apps.translate.captioner import Caption, Captioner
+from qwenkit.apps.translate.names import find_names
+from qwenkit.apps.translate.numbers import missing_numbers, numbers_in
 from qwenkit.apps.translate.outputs import JsonlWriter, SrtWriter, TerminalView, srt_time
 from qwenkit.apps.translate.scoring import assign, char_error_rate, normalize_zh
 from qwenkit.apps.translate.translator import (
@@ -380,6 +382,69 @@ def test_a_question_answered_instead_of_translated_is_asked_again_begun_as_a_que
     assert QUESTION_HINT in messages[0]["content"]
     # a yes/no question: asked again without an opening; kept only when the second answer is a question
     assert t.translate("你去过吗？") == "Have you been?" and chat.requests[3][0][-1]["role"] == "user"
+
+
+def test_a_number_left_out_is_asked_again_told_which_numbers_to_keep():
+    chat = RecordingChat("The meeting starts in the afternoon.", "The meeting starts at 3 pm.", "I have two books.",
+                         "He is happy.", "He is happy.")
+    t = Translator(chat, "zh", "en")
+    assert t.translate("会议下午三点开始。") == "The meeting starts at 3 pm." and t.retries == 1
+    assert "Keep every number: 三 = 3." in chat.requests[1][0][0]["content"]
+    assert t.translate("我有两本书。") == "I have two books." and t.retries == 1  # "two" carries 两 over
+    # a second answer no better than the first: the first is kept
+    chat = RecordingChat("He bought books.", "He bought some books.")
+    t = Translator(chat, "zh", "en")
+    assert t.translate("他买了二十五本书。") == "He bought books." and t.retries == 1
+
+
+@pytest.mark.parametrize("text, numbers", [
+    ("会议下午三点开始。", [3]), ("我住三号楼二单元。", [3, 2]), ("他二十五岁。", [25]),
+    ("一万五千人参加了比赛。", [15000]), ("二〇二六年我去北京。", [2026]), ("他考了98.5分。", [98.5]),
+    ("百分之五十的人同意。", [50]), ("我买了两本书。", [2]),
+    # words that merely contain a numeral, a lone 一, and guesses ("three or four hundred") are not checked
+    ("我们一起去吧。", []), ("他十分高兴。", []), ("我有一个问题。", []), ("这件衣服三四百块。", []),
+    ("来了十几个人。", []), ("他再三感谢我们。", []), ("这件外套打八折。", []),
+])
+def test_numbers_a_translation_must_carry_over(text, numbers):
+    assert [n.value for n in numbers_in(text)] == numbers
+
+
+def test_numbers_are_found_in_any_english_form():
+    assert not missing_numbers("会议下午三点开始。", "The meeting starts at three.")
+    assert not missing_numbers("会议下午三点开始。", "The meeting starts at 3:00 pm.")
+    assert not missing_numbers("三月八日是妇女节。", "March 8th is Women's Day.")
+    assert not missing_numbers("星期三我有课。", "I have class on Wednesday.")
+    assert not missing_numbers("他二十五岁。", "He is twenty-five years old.")
+    assert not missing_numbers("一万五千人参加了比赛。", "15,000 people took part in the race.")
+    assert [n.text for n in missing_numbers("我住三号楼二单元。", "I live in Building 3.")] == ["二"]
+    assert missing_numbers("他二十五岁。", "He is 250 years old.")  # a number inside another is not it
+
+
+@pytest.mark.parametrize("text, names", [
+    ("王小明是我的朋友。", [("王小明", "Wang Xiaoming")]), ("张东和李明去北京了。", [("张东", "Zhang Dong"), ("李明", "Li Ming")]),
+    ("小王明天不来了。", [("小王", "Xiao Wang")]), ("李老师很好。", [("李老师", "Teacher Li")]),
+    ("李主任是一位专家。", [("李主任", "Director Li")]), ("王先生和夫人都来了。", [("王先生", "Mr. Wang")]),
+    # everyday words the tagger calls names, a measure word, a name-like phrase: none is a person
+    ("谢谢你！", []), ("我明白了。", []), ("凭这张卡可以进去。", []), ("他近视，要戴眼镜。", []), ("金和银都很贵。", []),
+    ("到路口向左转。", []), ("汤里有一块骨头。", []),
+])
+def test_people_s_names_and_their_pinyin(text, names):
+    assert list(find_names(text)) == names
+
+
+def test_a_name_found_in_the_text_is_given_beside_it_and_kept():
+    chat = RecordingChat("He is my friend.", " is my friend.")
+    t = Translator(chat, "zh", "en")
+    assert t.translate("王小明是我的朋友。") == "Wang Xiaoming is my friend." and t.retries == 1
+    first, again = chat.requests[0][0], chat.requests[1][0]
+    assert first[-1]["content"] == "Translate into English, with 王小明 = Wang Xiaoming:\n王小明是我的朋友。"
+    assert again[-1] == {"role": "assistant", "content": "Wang Xiaoming"}  # begun with the name, as the text is
+    # the user's glossary wins over the name's pinyin, and into Chinese no name is looked for
+    chat = RecordingChat("Xiaoming is my friend.")
+    t = Translator(chat, "zh", "en", glossary=[Term("小明", "Xiaoming")])
+    assert t.translate("王小明是我的朋友。") == "Xiaoming is my friend." and t.retries == 0
+    assert t.terms("王小明是我的朋友。") == [Term("小明", "Xiaoming")]
+    assert Translator(chat, "en", "zh").terms("王小明") == []
 
 
 def test_question_openers():

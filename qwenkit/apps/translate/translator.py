@@ -3,12 +3,13 @@
 One short system prompt names the two languages; for Mandarin into English, three worked examples follow it and the
 text is framed as something to translate (a small model otherwise answers questions instead of translating them).
 Glossary entries whose source term occurs in the text are added, so names and product terms come out as the user
-wants. The prompt is the same for every sentence without glossary hits, so the serving engine's prefix cache holds
+wants; so are the people's names found in Mandarin text, in pinyin (qwenkit.apps.translate.names). The prompt is the same for every sentence without glossary hits, so the serving engine's prefix cache holds
 it and each sentence costs only its own tokens.
 
 Each translation is checked against its source, and asked once more when the check fails: a question that came
 back as a statement (again told that it is a question and, from Mandarin, begun with its question word's English:
-"这个字怎么写？" -> "How ..."), a glossary term left out (begun with it where the text begins with it).
+"这个字怎么写？" -> "How ..."), a glossary term left out (begun with it where the text begins with it), a number
+of the Mandarin missing from the English (told which numbers to keep; qwenkit.apps.translate.numbers).
 
 `translate(text, prefix=...)` continues an answer that must start with `prefix` (the part of a live caption
 already on screen), sent as a final assistant message with continue_final_message: the model writes what follows.
@@ -31,6 +32,8 @@ from typing import Any, Protocol
 
 from qwenkit.apps.backend import DeviceNotice
 from qwenkit.apps.translate.agreement import CJK_CHARACTERS
+from qwenkit.apps.translate.names import find_names
+from qwenkit.apps.translate.numbers import missing_numbers
 from qwenkit.errors import BadData, QwenkitError
 
 log = logging.getLogger("qwenkit.translate")
@@ -170,9 +173,18 @@ class Translator:
         self.retries = 0  # guarded re-asks so far
         self.where = DeviceNotice(chat)
 
+    def terms(self, text: str) -> list[Term]:
+        """The glossary terms `text` contains, then the people's names found in it (Mandarin into a language
+        written in Latin letters: "王小明" = "Wang Xiaoming"), unless the glossary already names them."""
+        hits = [t for t in self.glossary if t.source.lower() in text.lower()]
+        if self.source == "zh" and self.target not in CJK_TARGETS:
+            hits += [Term(name, english) for name, english in find_names(text)
+                     if not any(name in t.source or t.source in name for t in hits)]
+        return hits
+
     def messages(self, text: str, hint: str = "") -> list[dict]:
         system, terms = self.system + hint, ""
-        hits = [t for t in self.glossary if t.source.lower() in text.lower()]
+        hits = self.terms(text)
         if hits:
             pairs = "; ".join(f"{t.source} = {t.target}" for t in hits)
             system += f" Translate these terms exactly as given: {pairs}."
@@ -191,6 +203,7 @@ class Translator:
         out = self._ask(text, prefix, {})
         out = self._as_question(text, prefix, out)
         out = self._with_terms(text, prefix, out)
+        out = self._with_numbers(text, prefix, out)
         return self._without_copied_terms(text, prefix, out)
 
     def _as_question(self, text: str, prefix: str, out: str) -> str:
@@ -214,6 +227,19 @@ class Translator:
         again = self._ask(text, start, {}, hint=" Keep these terms exactly as given.")
         return again if len(self._missing_terms(text, again)) < len(missing) else out
 
+    def _with_numbers(self, text: str, prefix: str, out: str) -> str:
+        """A number of the Mandarin left out of the English (in digits, words, ordinals, month or weekday names):
+        asked once more, told which numbers to keep."""
+        if (self.source, self.target) != ("zh", "en"):
+            return out
+        missing = missing_numbers(text, out)
+        if not missing:
+            return out
+        self.retries += 1
+        keep = ", ".join(f"{n.text} = {n.forms[0]}" for n in missing)
+        again = self._ask(text, prefix, {}, hint=f" Keep every number: {keep}.")
+        return again if len(missing_numbers(text, again)) < len(missing) else out
+
     def _without_copied_terms(self, text: str, prefix: str, out: str) -> str:
         """Chinese characters copied into a non-CJK target: asked again from just before them, their tokens
         banned (needs the vocabulary; at most MAX_RETRIES times)."""
@@ -229,7 +255,7 @@ class Translator:
         return out
 
     def _missing_terms(self, text: str, out: str) -> list[Term]:
-        return [t for t in self.glossary if t.source.lower() in text.lower() and t.target.lower() not in out.lower()]
+        return [t for t in self.terms(text) if t.target.lower() not in out.lower()]
 
     def _ask(self, text: str, prefix: str, logit_bias: dict[str, float], hint: str = "") -> str:
         messages = self.messages(text, hint)
