@@ -72,9 +72,15 @@ def _english(word: str, before: str) -> str:
     return " ".join(p for p in (title, prefix, name) if p)
 
 
-def _tag(text: str) -> list[tuple[str, str]]:
+def preload() -> None:
+    """Load the tagger on a background thread now, so that the first caption does not wait for it (about a second
+    here; a sentence tagged before it is ready waits for it)."""
+    threading.Thread(target=_load, name="qwenkit-names", daemon=True).start()
+
+
+def _load() -> Any:
     global _tagger
-    with _lock:  # jieba loads its dictionary on first use (about a second), once per process
+    with _lock:  # jieba loads its dictionary on first use, once per process
         if _tagger is None:
             import jieba
             import jieba.posseg
@@ -82,7 +88,13 @@ def _tag(text: str) -> list[tuple[str, str]]:
             jieba.setLogLevel(logging.WARNING)
             jieba.initialize()
             _tagger = jieba
-        return [(w.word, w.flag) for w in _tagger.posseg.cut(text)]
+        return _tagger
+
+
+def _tag(text: str) -> list[tuple[str, str]]:
+    tagger = _load()
+    with _lock:  # jieba's tagger keeps state between words: one sentence at a time
+        return [(w.word, w.flag) for w in tagger.posseg.cut(text)]
 
 
 def _frequency(word: str) -> int:

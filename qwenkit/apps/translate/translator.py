@@ -3,8 +3,9 @@
 One short system prompt names the two languages; for Mandarin into English, three worked examples follow it and the
 text is framed as something to translate (a small model otherwise answers questions instead of translating them).
 Glossary entries whose source term occurs in the text are added, so names and product terms come out as the user
-wants; so are the people's names found in Mandarin text, in pinyin (qwenkit.apps.translate.names). The prompt is the same for every sentence without glossary hits, so the serving engine's prefix cache holds
-it and each sentence costs only its own tokens.
+wants; so are the people's names found in Mandarin text, in pinyin (qwenkit.apps.translate.names). The prompt is
+the same for every sentence without such terms, so the serving engine's prefix cache holds it and each sentence
+costs only its own tokens.
 
 Each translation is checked against its source, and asked once more when the check fails: a question that came
 back as a statement (again told that it is a question and, from Mandarin, begun with its question word's English:
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 from qwenkit.apps.backend import DeviceNotice
 from qwenkit.apps.translate.agreement import CJK_CHARACTERS
-from qwenkit.apps.translate.names import find_names
+from qwenkit.apps.translate import names
 from qwenkit.apps.translate.numbers import missing_numbers
 from qwenkit.errors import BadData, QwenkitError
 
@@ -172,13 +173,15 @@ class Translator:
         self.examples = examples
         self.retries = 0  # guarded re-asks so far
         self.where = DeviceNotice(chat)
+        if source == "zh" and target not in CJK_TARGETS:
+            names.preload()
 
     def terms(self, text: str) -> list[Term]:
         """The glossary terms `text` contains, then the people's names found in it (Mandarin into a language
         written in Latin letters: "王小明" = "Wang Xiaoming"), unless the glossary already names them."""
         hits = [t for t in self.glossary if t.source.lower() in text.lower()]
         if self.source == "zh" and self.target not in CJK_TARGETS:
-            hits += [Term(name, english) for name, english in find_names(text)
+            hits += [Term(name, english) for name, english in names.find_names(text)
                      if not any(name in t.source or t.source in name for t in hits)]
         return hits
 
