@@ -192,7 +192,7 @@ def test_after_results_a_plain_json_model_gets_its_first_new_call_then_answers()
 
 
 def test_a_model_that_cannot_be_reached_ends_the_turn_with_the_reason():
-    result = Agent(ScriptedChat(QwenkitError("all backends failed: hosted: refused")), [], system=None, plan=False).ask("x")
+    result = Agent(ScriptedChat(QwenkitError("all backends failed: hosted: refused")), [], system=None).ask("x")
     assert result.stopped == "error" and "all backends failed" in result.trace[-1]["text"]
 
 

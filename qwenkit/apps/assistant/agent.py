@@ -166,8 +166,10 @@ class Agent:
         plan: list[str] | None = None  # tools still to call, in order; None: the model calls freely
         first = 1
         if self.plan and self.tools and self.max_steps >= 2:
+            first = 2
             plan = yield from self._choose_tools(turn_start)
-            plan, first = (plan[:self.max_steps - 2] if plan is not None else None), 2
+            if plan is not None:
+                plan = plan[:self.max_steps - 2]  # room for the plan step and the answer
         for step in range(first, self.max_steps + 1):
             named = None
             if plan is not None and answer_next is None:

@@ -42,7 +42,8 @@ def find_names(text: str) -> tuple[tuple[str, str], ...]:
     pos = 0
     tagged = _tag(text)
     for i, (word, flag) in enumerate(tagged):
-        start, pos = text.find(word, pos), text.find(word, pos) + len(word)
+        start = text.find(word, pos)
+        pos = start + len(word)
         following = tagged[i + 1][0] if i + 1 < len(tagged) else ""
         if flag == "nr" and len(word) == 1 and following in TITLES:
             word += following  # 李 / 主任: the tagger split the surname from its title

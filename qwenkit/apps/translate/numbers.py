@@ -46,7 +46,7 @@ class Number:
 
 
 def chinese_value(run: str) -> float:
-    """The value of a run of Chinese numerals (二十五 -> 25, 两千 -> 2000, 二〇二六 -> 2026), or None."""
+    """The value of a run of Chinese numerals (二十五 -> 25, 两千 -> 2000, 二〇二六 -> 2026)."""
     if all(ch in _DIGITS for ch in run):  # read digit by digit: a year or a room number
         return float(int("".join(str(_DIGITS[ch]) for ch in run))) if len(run) > 1 else float(_DIGITS[run])
     total, section, digit = 0, 0, None
@@ -67,7 +67,7 @@ def numbers_in(text: str) -> list[Number]:
     found = []
     for m in _RUN.finditer(text):
         run, start, end = m.group(), m.start(), m.end()
-        if any(word in text[max(0, start - 3):end + 3] and _overlaps(text, word, start, end) for word in _FIXED):
+        if any(_overlaps(text, word, start, end) for word in _FIXED):
             continue
         if run[0].isdigit():
             value = float(run)
@@ -91,6 +91,7 @@ def missing_numbers(source: str, translation: str) -> list[Number]:
 
 
 def _overlaps(text: str, word: str, start: int, end: int) -> bool:
+    """Whether `word` occurs in `text` over any of text[start:end] (the first place it could start is searched)."""
     at = text.find(word, max(0, start - len(word) + 1))
     return 0 <= at < end and at + len(word) > start
 

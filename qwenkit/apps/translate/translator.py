@@ -173,14 +173,16 @@ class Translator:
         self.examples = examples
         self.retries = 0  # guarded re-asks so far
         self.where = DeviceNotice(chat)
-        if source == "zh" and target not in CJK_TARGETS:
+        # people's names are looked for in Mandarin going into a language written in Latin letters (pinyin)
+        self.finds_names = source == "zh" and target not in CJK_TARGETS
+        if self.finds_names:
             names.preload()
 
     def terms(self, text: str) -> list[Term]:
         """The glossary terms `text` contains, then the people's names found in it (Mandarin into a language
         written in Latin letters: "王小明" = "Wang Xiaoming"), unless the glossary already names them."""
         hits = [t for t in self.glossary if t.source.lower() in text.lower()]
-        if self.source == "zh" and self.target not in CJK_TARGETS:
+        if self.finds_names:
             hits += [Term(name, english) for name, english in names.find_names(text)
                      if not any(name in t.source or t.source in name for t in hits)]
         return hits
