@@ -134,8 +134,7 @@ def score(task: dict, calls: list[dict], by_name: dict) -> dict:
     left = list(calls)
     made = 0
     for need in task["calls"]:
-        hit = next((c for c in left if c["name"] in by_name and matches(c, by_name[need["tool"]], need["args"])),
-                   None)
+        hit = next((c for c in left if matches(c, by_name[need["tool"]], need["args"])), None)
         if hit is not None:
             left.remove(hit)
             made += 1

@@ -102,12 +102,10 @@ def main() -> int:
     import sacrebleu
 
     from qwenkit import hub
-    from qwenkit.apps.backend import local_tokenizer, open_chat
     from qwenkit.apps.translate.asr import WhisperASR
     from qwenkit.apps.translate.audio import paced
     from qwenkit.apps.translate.captioner import Captioner
     from qwenkit.apps.translate.scoring import assign, char_error_rate, joined
-    from qwenkit.apps.translate.translator import Translator
 
     if args.text_only:
         return text_only(args)
@@ -115,11 +113,8 @@ def main() -> int:
     samples, spans = build_stream(rows, args.gap)
     asr = WhisperASR(hub.pull(args.asr_model), threads=args.threads, beam_size=args.beam_size,
                      context_pad=args.context_pad)
-    chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
-    translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat),
-                            examples=not args.adapter)
+    chat, translator = open_translator(args)
     captioner = Captioner(asr, translator, partials=not (args.fast or args.no_partials))
-    translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on, as in a running session
     share = busy_share(2.0)
     print(f"{len(rows)} clips, {samples.size / 16000:.1f} s of audio; CPUs {share:.0%} busy before the run",
           file=sys.stderr)
@@ -185,19 +180,27 @@ def main() -> int:
     return 0
 
 
-def text_only(args) -> int:
-    """The gold Chinese of both sets through the translator, nothing else (see the module doc)."""
-    import sacrebleu
-
-    from benchmarks.hsk_sets import clips, heldout, package_sentences
+def open_translator(args):
+    """The model (with the adapter, if any) and a translator over it, warmed up: the prompt's prefix is cached from
+    here on, as in a running session. An adapter tuned on the plain prompt is asked without the worked examples."""
     from qwenkit.apps.backend import local_tokenizer, open_chat
-    from qwenkit.apps.translate.numbers import missing_numbers, numbers_in
     from qwenkit.apps.translate.translator import Translator
 
     chat = open_chat(args.model, threads=args.threads, lora={"adapter": str(args.adapter)} if args.adapter else None)
     translator = Translator(chat, model="adapter" if args.adapter else None, vocabulary=local_tokenizer(chat),
                             examples=not args.adapter)
-    translator.translate("你好。")  # warm up: the prompt's prefix is cached from here on
+    translator.translate("你好。")
+    return chat, translator
+
+
+def text_only(args) -> int:
+    """The gold Chinese of both sets through the translator, nothing else (see the module doc)."""
+    import sacrebleu
+
+    from benchmarks.hsk_sets import clips, heldout, package_sentences
+    from qwenkit.apps.translate.numbers import missing_numbers, numbers_in
+
+    chat, translator = open_translator(args)
     sets = {"180 clips": clips(args.clips / "sentences.jsonl")[:args.limit],
             "held-out": heldout(package_sentences())[:args.limit]}
     result = {"mode": "text only", "model": args.model, "adapter": str(args.adapter) if args.adapter else None,
